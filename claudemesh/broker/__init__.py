@@ -1,0 +1,1 @@
+"""The claudemesh broker: core domain, WebSocket protocol, web resources and twistd wiring."""

@@ -1,0 +1,1 @@
+"""The `claudemesh` command line."""

@@ -1,0 +1,1 @@
+"""Client library: configuration, reconnecting WebSocket client, message encryption."""
