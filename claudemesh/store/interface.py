@@ -1,0 +1,266 @@
+"""
+The storage seam: L{IStore} and the errors its implementations raise.
+
+Every method returns a L{Deferred}. All SQL lives behind this interface; the
+broker core only sees the records of L{claudemesh.store.records}. Three
+providers pass one shared test suite (C{tests/test_store.py}): L{MemoryStore}
+for unit tests, the embedded SQLite default and Postgres.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class StoreError(Exception):
+    """
+    Base class of the store's own errors.
+    """
+
+
+class StoreUnavailable(StoreError):
+    """
+    The database cannot be reached right now (it may come back without a
+    restart of the broker).
+    """
+
+
+class DuplicateKey(StoreError):
+    """
+    A row with the same unique key exists already (a mesh id, a member id, or
+    a member key already present in that mesh).
+    """
+
+
+class SchemaTooNew(StoreError):
+    """
+    The database was written by a newer claudemesh: refuse to start rather
+    than corrupt it.
+    """
+
+
+class IStore(Interface):
+    """
+    Durable state of the broker: meshes, members, invites, the session
+    mirror, messages with their per-recipient deliveries, idempotency keys and
+    the audit log.
+    """
+
+    kind = Attribute("C{'memory'}, C{'sqlite'} or C{'postgres'}.")
+
+    def open():
+        """
+        Connect and bring the schema up to date (creating it when empty).
+        Fails with L{SchemaTooNew} when the database is newer than the code.
+        """
+
+    def close():
+        """
+        Release every connection.
+        """
+
+    def ping():
+        """
+        Succeed when the database answers a trivial query now; fail with
+        L{StoreUnavailable} otherwise.
+        """
+
+    # -- meshes and members -------------------------------------------------
+
+    def create_mesh(mesh, owner):
+        """
+        Store a L{MeshRecord} and its owner L{MemberRecord} in one
+        transaction. L{DuplicateKey} when either id exists.
+        """
+
+    def get_mesh(mesh_id):
+        """
+        The L{MeshRecord} with this id, or C{None}.
+        """
+
+    def add_member(member):
+        """
+        Store a new L{MemberRecord}. L{DuplicateKey} when its id, or its
+        (mesh, pubkey), exists already.
+        """
+
+    def get_member(member_id):
+        """
+        The L{MemberRecord} with this id, or C{None}.
+        """
+
+    def find_member(mesh_id, pubkey):
+        """
+        The L{MemberRecord} of this member key in this mesh (revoked or not),
+        or C{None}.
+        """
+
+    def list_members(mesh_id):
+        """
+        Every L{MemberRecord} of the mesh, revoked ones included, oldest
+        first.
+        """
+
+    def set_member_role(member_id, role):
+        """
+        Change a member's role. Fires with C{True} when the member exists.
+        """
+
+    def set_member_revoked(member_id, revoked_at):
+        """
+        Ban (C{revoked_at} in ms) or unban (C{None}) a member. Fires with
+        C{True} when the member exists.
+        """
+
+    def remove_member(member_id):
+        """
+        Delete a membership and its queued deliveries. Fires with C{True} when
+        it existed.
+        """
+
+    # -- invites ------------------------------------------------------------
+
+    def create_invite(invite):
+        """
+        Store a new L{InviteRecord}.
+        """
+
+    def get_invite(invite_id):
+        """
+        The L{InviteRecord} with this id, or C{None}.
+        """
+
+    def list_invites(mesh_id):
+        """
+        Every L{InviteRecord} of the mesh, oldest first.
+        """
+
+    def revoke_invite(invite_id, revoked_at):
+        """
+        Mark an invite revoked. Fires with C{True} when it existed and was not
+        revoked already.
+        """
+
+    def consume_invite(invite_id, now):
+        """
+        Atomically take one use of an invite that is neither revoked, expired
+        at C{now} nor exhausted. Fires with C{True} when a use was taken; of N
+        concurrent callers on a one-use invite exactly one gets C{True}.
+        """
+
+    # -- the session mirror -------------------------------------------------
+
+    def open_sessions(sessions):
+        """
+        Insert (or replace, by presence id) these L{SessionRecord}s in one
+        round trip.
+        """
+
+    def update_sessions(updates):
+        """
+        Apply C{[(presence_id, {column: value})]} in one transaction. Columns:
+        C{status}, C{status_source}, C{status_updated_at}, C{summary},
+        C{groups} (a tuple), C{display_name}, C{last_active_at}.
+        """
+
+    def close_sessions(presence_ids, disconnected_at):
+        """
+        Mark these sessions disconnected and release the leases they held.
+        """
+
+    def close_all_sessions(disconnected_at):
+        """
+        At start-up: every session still open was left by a previous process;
+        mark them disconnected and release every lease. Fires with the number
+        of sessions closed.
+        """
+
+    def list_open_sessions(mesh_id):
+        """
+        The L{SessionRecord}s of the mesh not yet disconnected, oldest first.
+        """
+
+    # -- messages and deliveries -------------------------------------------
+
+    def enqueue(messages, audit=()):
+        """
+        Store a batch of L{NewMessage}s with their deliveries, their send keys
+        and the given L{AuditEvent}s, in one transaction and one round trip
+        per table. A message whose (sender member, client id) was seen before
+        (and has not expired) is not stored again.
+
+        @return: a L{Deferred} firing with one L{EnqueueResult} per message,
+            in order, carrying the sequence number the store assigned.
+        """
+
+    def claim_deliveries(member_id, session_pubkey, presence_id, groups,
+                         priorities, now, lease_ms, limit):
+        """
+        Lease to session C{presence_id} up to C{limit} deliveries it may take
+        now, in C{seq} order: member deliveries of C{member_id} whose group is
+        C{None} or in C{groups}, and session deliveries to C{session_pubkey};
+        only those with a priority in C{priorities}, not expired at C{now},
+        and either queued or leased with a lease that ended by C{now}. Sets
+        the lease to C{now + lease_ms} and counts an attempt.
+
+        @return: a L{Deferred} firing with a list of L{ClaimedDelivery}.
+        """
+
+    def ack_deliveries(acks, now):
+        """
+        Confirm C{[(message_id, recipient_key)]}: each queued or leased one
+        becomes delivered. Unknown or already confirmed pairs are ignored.
+        Fires with the number of deliveries confirmed.
+        """
+
+    def release_leases(presence_ids):
+        """
+        Return the deliveries leased to these sessions to the queue (their
+        session went away). Fires with the number released.
+        """
+
+    def get_message(message_id):
+        """
+        The stored message as a L{NewMessage} (without deliveries), or
+        C{None}.
+        """
+
+    def message_deliveries(message_id):
+        """
+        The L{DeliveryRecord}s of a message.
+        """
+
+    def expire_deliveries(now):
+        """
+        Mark every queued or leased delivery whose expiry passed as expired.
+        Fires with the count.
+        """
+
+    def delete_messages_before(cutoff):
+        """
+        Delete messages created before C{cutoff} that have no queued or
+        leased delivery left, with their deliveries and expired send keys.
+        Fires with the number of messages deleted.
+        """
+
+    def count_queued():
+        """
+        The number of deliveries queued or leased (for the metrics gauge).
+        """
+
+    # -- audit --------------------------------------------------------------
+
+    def append_audit(events):
+        """
+        Chain and store L{AuditEvent}s. Fires with the L{AuditEntry}s written.
+        """
+
+    def audit_entries(mesh_id, limit, offset, event_type=None):
+        """
+        Fires with C{(entries, total)}: the mesh's L{AuditEntry}s, newest
+        first, optionally only of one event type.
+        """
+
+    def verify_chain(mesh_id):
+        """
+        Walk the mesh's chain, recomputing every hash. Fires with a
+        L{ChainVerification}.
+        """

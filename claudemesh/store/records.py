@@ -1,0 +1,209 @@
+"""
+Value types that cross the store boundary.
+
+Every time field is an integer of milliseconds since the epoch. The records are
+frozen: the store hands out copies, and the broker core never mutates what it
+got back from a query.
+"""
+
+import attr
+
+ROLES = ("owner", "admin", "member")
+PRIORITIES = ("now", "next", "low")
+STATUSES = ("idle", "working", "dnd")
+STATUS_SOURCES = ("hook", "manual", "jsonl")
+DELIVERY_STATES = ("queued", "leased", "delivered", "expired")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class MeshRecord:
+    id: str
+    name: str
+    slug: str
+    owner_pubkey: str
+    created_at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class MemberRecord:
+    id: str
+    mesh_id: str
+    pubkey: str
+    display_name: str
+    role: str
+    joined_at: int
+    invite_id: str | None = None
+    revoked_at: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class InviteRecord:
+    id: str
+    mesh_id: str
+    role: str
+    max_uses: int
+    expires_at: int
+    created_by: str
+    created_at: int
+    used_count: int = 0
+    revoked_at: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SessionRecord:
+    """
+    The stored mirror of one live (or once live) session, i.e. one hello.
+    """
+
+    presence_id: str
+    mesh_id: str
+    member_id: str
+    session_id: str
+    display_name: str
+    pid: int
+    cwd: str
+    connected_at: int
+    session_pubkey: str | None = None
+    claude_session_id: str | None = None
+    hostname: str | None = None
+    peer_type: str | None = None
+    channel: str | None = None
+    model: str | None = None
+    groups: tuple = ()
+    status: str = "idle"
+    status_source: str = "jsonl"
+    status_updated_at: int = 0
+    summary: str | None = None
+    receive: bool = True
+    last_active_at: int = 0
+    disconnected_at: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class NewDelivery:
+    """
+    One recipient of a new message.
+
+    A member delivery (C{session_pubkey} is C{None}) may be leased to any live
+    session of C{member_id} (of group C{group_name} when set); a session
+    delivery belongs to the session whose key is C{session_pubkey}.
+    """
+
+    member_id: str
+    session_pubkey: str | None = None
+    group_name: str | None = None
+
+    @property
+    def recipient_key(self) -> str:
+        return self.session_pubkey if self.session_pubkey else self.member_id
+
+    @property
+    def recipient_kind(self) -> str:
+        return "session" if self.session_pubkey else "member"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class NewMessage:
+    """
+    A message to store together with its deliveries and its idempotency key.
+    """
+
+    id: str
+    mesh_id: str
+    sender_member_id: str
+    sender_pubkey: str
+    sender_member_pubkey: str
+    target_spec: str
+    priority: str
+    nonce: str
+    ciphertext: str
+    created_at: int
+    expires_at: int
+    deliveries: tuple = ()
+    client_id: str | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class EnqueueResult:
+    """
+    What the store decided for one L{NewMessage}: its authoritative id and
+    sequence number, and whether it was a retry of an earlier send with the
+    same (sender member, client id) — in which case nothing new was stored.
+    """
+
+    message_id: str
+    seq: int
+    duplicate: bool = False
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ClaimedDelivery:
+    """
+    A delivery leased to one session, with what the push frame needs.
+    """
+
+    message_id: str
+    recipient_key: str
+    recipient_kind: str
+    mesh_id: str
+    member_id: str
+    sender_pubkey: str
+    sender_member_pubkey: str
+    target_spec: str
+    priority: str
+    nonce: str
+    ciphertext: str
+    created_at: int
+    seq: int
+    attempts: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DeliveryRecord:
+    """
+    The state of one recipient of a message (for C{message_status}).
+    """
+
+    message_id: str
+    recipient_key: str
+    recipient_kind: str
+    member_id: str
+    state: str
+    attempts: int
+    expires_at: int
+    acked_at: int | None = None
+    lease_session: str | None = None
+    lease_until: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AuditEvent:
+    """
+    An audit event to append; the store chains it (L{claudemesh.audit}).
+    C{actor} is the acting member id, or C{None} for the broker itself.
+    """
+
+    mesh_id: str
+    event_type: str
+    actor: str | None
+    payload: dict
+    created_at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AuditEntry:
+    mesh_id: str
+    seq: int
+    event_type: str
+    actor: str | None
+    payload: dict
+    prev_hash: str
+    hash: str
+    created_at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ChainVerification:
+    valid: bool
+    entries: int
+    broken_at: int | None = None
