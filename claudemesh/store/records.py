@@ -87,11 +87,18 @@ class NewDelivery:
     A member delivery (C{session_pubkey} is C{None}) may be leased to any live
     session of C{member_id} (of group C{group_name} when set); a session
     delivery belongs to the session whose key is C{session_pubkey}.
+
+    When the broker already knows which live session will take it, the
+    delivery is stored leased to that session (C{lease_session}, a presence
+    id, until C{lease_until}) so no claim can hand it to anyone else while the
+    push is on its way; otherwise it is stored queued.
     """
 
     member_id: str
     session_pubkey: str | None = None
     group_name: str | None = None
+    lease_session: str | None = None
+    lease_until: int | None = None
 
     @property
     def recipient_key(self) -> str:

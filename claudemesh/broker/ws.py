@@ -1,0 +1,217 @@
+"""
+The WebSocket protocol at C{/ws}: decode, validate, dispatch to the broker
+core, send the reply. Thin on purpose; the rules live in
+L{claudemesh.broker.core}.
+
+Every frame is answered when it is wrong: C{error malformed} naming the
+field, C{error unknown_type}, C{error no_hello} before a successful hello. A
+connection that keeps sending bad frames (L{ERROR_FLOOD_COUNT} errors within
+L{ERROR_FLOOD_SECONDS}) is closed with 1008 C{flood}; a frame larger than the
+configured maximum is closed by Autobahn with 1009.
+"""
+
+import collections
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from claudemesh import protocol
+from claudemesh.broker.core import IPeerConnection, Refusal
+
+ERROR_FLOOD_COUNT = 100
+ERROR_FLOOD_SECONDS = 10.0
+
+# Frames accepted after a successful hello, and the core method for each.
+AFTER_HELLO = {
+    "send": "send",
+    "client_ack": "client_ack",
+    "set_status": "set_status",
+    "set_summary": "set_summary",
+    "list_peers": "list_peers",
+    "join_group": "join_group",
+    "leave_group": "leave_group",
+    "message_status": "message_status",
+    "audit_query": "audit_query",
+    "audit_verify": "audit_verify",
+}
+
+
+@implementer(IPeerConnection)
+class BrokerServerProtocol(WebSocketServerProtocol):
+    # Autobahn already uses .log on protocols.
+    _log = Logger()
+
+    def __init__(self):
+        WebSocketServerProtocol.__init__(self)
+        self._session = None
+        self._hello_running = False
+        self._errors = collections.deque()
+        self.peer_address = None
+
+    # -- IPeerConnection ---------------------------------------------------------
+
+    def send(self, frame):
+        self.send_encoded(protocol.encode(frame))
+
+    def send_encoded(self, payload):
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(payload, isBinary=False)
+
+    def close(self, code, reason):
+        # sendClose() only accepts 1000 and 3000-4999; the protocol also
+        # needs 1001 and 1008, which sendCloseFrame() writes as given.
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
+    # -- Autobahn callbacks ------------------------------------------------------
+
+    def onConnect(self, request):
+        self.peer_address = request.peer
+        return None
+
+    def onMessage(self, payload, isBinary):
+        try:
+            self._received(payload, isBinary)
+        except Exception:
+            self._log.failure("handling a frame failed")
+            self._error(protocol.FrameError("internal", "the broker failed on this frame"))
+
+    def onClose(self, wasClean, code, reason):
+        session = self._session
+        if session is not None:
+            self._session = None
+            # A close frame from the client with 1000 or 1001 is a deliberate
+            # goodbye; anything else (a drop, a timeout) may come back.
+            clean = bool(wasClean) and code in (1000, 1001) and not self.closedByMe
+            try:
+                self.factory.broker.connection_lost(session, self, clean)
+            except Exception:
+                self._log.failure("ending a session failed")
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _received(self, payload, is_binary):
+        broker = self.factory.broker
+        if is_binary:
+            self._error(protocol.FrameError("malformed", "binary frames are not accepted"))
+            return
+        try:
+            frame = protocol.decode(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            self._error(protocol.FrameError("malformed", "frame is not UTF-8"))
+            return
+        except protocol.FrameError as e:
+            self._error(e)
+            return
+        session = self._session
+        if session is None:
+            if frame.TYPE == "hello" and not self._hello_running:
+                self._hello(frame)
+            else:
+                self._error(protocol.FrameError(
+                    "no_hello", "must send hello first", frame_req_id(frame)))
+            return
+        if frame.TYPE == "hello":
+            self._error(protocol.FrameError(
+                "invalid", "hello already done on this connection", frame_req_id(frame)))
+            return
+        method = getattr(broker, AFTER_HELLO[frame.TYPE])
+        d = defer.maybeDeferred(method, session, frame)
+        d.addCallbacks(self._reply, self._refused, callbackArgs=(frame,),
+                       errbackArgs=(frame,))
+        d.addErrback(self._log_failure)
+
+    def _hello(self, frame):
+        self._hello_running = True
+        broker = self.factory.broker
+        d = broker.hello(self, frame)
+
+        def accepted(result):
+            self._hello_running = False
+            session, ack = result
+            if self.state != WebSocketServerProtocol.STATE_OPEN:
+                # The client left while we checked it.
+                broker.connection_lost(session, self, clean=False)
+                return
+            self._session = session
+            self._reply(ack, frame)
+            broker.session_ready(session)
+
+        def refused(f):
+            self._hello_running = False
+            f.trap(Refusal)
+            refusal = f.value
+            self.send(protocol.error_frame(refusal.code, refusal.message, frame._reqId))
+            if refusal.close is not None:
+                self.close(*refusal.close)
+
+        d.addCallbacks(accepted, refused)
+        d.addErrback(self._hello_failed)
+
+    def _hello_failed(self, f):
+        self._hello_running = False
+        self._log.failure("hello failed", f)
+        self.send(protocol.error_frame("unavailable", "the broker cannot take hellos right now"))
+        self.close(1011, "internal error")
+
+    def _reply(self, result, frame):
+        if result is None:
+            return
+        req_id = frame_req_id(frame)
+        if req_id is not None:
+            result["_reqId"] = req_id
+        self.send(result)
+
+    def _refused(self, f, frame):
+        f.trap(Refusal)
+        refusal = f.value
+        self._error(protocol.FrameError(refusal.code, refusal.message, frame_req_id(frame)),
+                    **refusal.extra)
+
+    def _log_failure(self, f):
+        self._log.failure("a request failed", f)
+
+    def _error(self, error, **extra):
+        metrics = self.factory.broker.metrics
+        if metrics is not None:
+            metrics.frame_errors.labels(error.code).inc()
+        reply = protocol.error_frame(error.code, error.message, error.req_id, **extra)
+        if error.send_id is not None:
+            reply["id"] = error.send_id
+        self.send(reply)
+        now = self.factory.clock.seconds()
+        errors = self._errors
+        errors.append(now)
+        while errors and errors[0] <= now - ERROR_FLOOD_SECONDS:
+            errors.popleft()
+        if len(errors) >= ERROR_FLOOD_COUNT:
+            self.close(protocol.CLOSE_POLICY, protocol.REASON_FLOOD)
+
+
+def frame_req_id(frame):
+    return getattr(frame, "_reqId", None)
+
+
+class BrokerServerFactory(WebSocketServerFactory):
+    """
+    Builds L{BrokerServerProtocol}s bound to one broker core.
+    """
+
+    protocol = BrokerServerProtocol
+
+    def __init__(self, broker, clock, settings, url=None):
+        WebSocketServerFactory.__init__(self, url)
+        self.broker = broker
+        # Autobahn uses .reactor for its own timers; the error-flood window
+        # reads this clock so tests can drive it.
+        self.clock = clock
+        self.setProtocolOptions(
+            autoPingInterval=settings.auto_ping_interval,
+            autoPingTimeout=settings.auto_ping_timeout,
+            # Peers must see the real 1008/1009 close, not a TCP drop (1006).
+            failByDrop=False,
+            maxMessagePayloadSize=settings.max_message_bytes,
+            maxFramePayloadSize=settings.max_message_bytes,
+        )

@@ -1,0 +1,209 @@
+"""
+Identity keys, the canonical signed strings of the protocol, and message
+encryption.
+
+All signed strings are UTF-8, fields joined with C{|}, signed with an ed25519
+detached signature carried as lowercase hex (DESIGN section 4.1). Direct
+messages use crypto_box between X25519 keys derived from the ed25519 keys;
+broadcasts use secretbox under the 32-byte mesh key.
+"""
+
+import base64
+import binascii
+import hashlib
+import re
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+import nacl.secret
+import nacl.signing
+import nacl.utils
+
+HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
+
+SESSION_PROOF_TAG = "claudemesh-session/1"
+CREATE_TAG = "claudemesh-create/1"
+INVITE_TAG = "claudemesh-invite/1"
+JOIN_TAG = "claudemesh-join/1"
+HOOK_TAG = "claudemesh-hook/1"
+
+
+class DecryptionFailed(Exception):
+    """
+    A message could not be opened with the secret its target named.
+    """
+
+
+# -- signed strings ---------------------------------------------------------
+
+
+def hello_string(mesh_id, member_id, pubkey, timestamp) -> bytes:
+    return "|".join([mesh_id, member_id, pubkey, str(timestamp)]).encode("utf-8")
+
+
+def session_proof_string(mesh_id, member_pubkey, session_pubkey) -> bytes:
+    return "|".join([SESSION_PROOF_TAG, mesh_id, member_pubkey, session_pubkey]).encode(
+        "utf-8"
+    )
+
+
+def create_mesh_string(name, owner_pubkey, timestamp) -> bytes:
+    return "|".join([CREATE_TAG, name, owner_pubkey, str(timestamp)]).encode("utf-8")
+
+
+def invite_string(mesh_id, invite_id, role, expires_at, inviter_pubkey, broker_url) -> bytes:
+    return "|".join(
+        [INVITE_TAG, mesh_id, invite_id, role, str(expires_at), inviter_pubkey, broker_url]
+    ).encode("utf-8")
+
+
+def join_string(invite_id, pubkey, display_name, timestamp) -> bytes:
+    return "|".join([JOIN_TAG, invite_id, pubkey, display_name, str(timestamp)]).encode(
+        "utf-8"
+    )
+
+
+def hook_string(mesh_id, timestamp, body: bytes) -> bytes:
+    digest = hashlib.sha256(body).hexdigest()
+    return "|".join(
+        [HOOK_TAG, "POST", "/hook/set-status", mesh_id, str(timestamp), digest]
+    ).encode("utf-8")
+
+
+# -- ed25519 ----------------------------------------------------------------
+
+
+def is_pubkey(value) -> bool:
+    """
+    Is C{value} a lowercase-hex ed25519 public key?
+    """
+    return isinstance(value, str) and HEX64.match(value) is not None
+
+
+def is_signature(value) -> bool:
+    return isinstance(value, str) and HEX128.match(value) is not None
+
+
+def verify(pubkey_hex: str, message: bytes, signature_hex: str) -> bool:
+    """
+    Check a detached ed25519 signature. Malformed keys or signatures are
+    simply C{False}: callers check the shape first when they need to tell
+    C{malformed} from C{bad_signature}.
+    """
+    try:
+        key = nacl.signing.VerifyKey(binascii.unhexlify(pubkey_hex))
+        key.verify(message, binascii.unhexlify(signature_hex))
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError,
+            ValueError, TypeError, binascii.Error):
+        return False
+    return True
+
+
+class Identity:
+    """
+    An ed25519 key pair: a member identity or a session key.
+    """
+
+    def __init__(self, signing_key: nacl.signing.SigningKey):
+        self._signing_key = signing_key
+
+    @classmethod
+    def generate(cls):
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_secret_hex(cls, secret_hex: str):
+        """
+        Load from the hex of the 32-byte seed, or of libsodium's 64-byte
+        secret key (seed followed by the public key), as the original stores.
+        """
+        raw = binascii.unhexlify(secret_hex)
+        if len(raw) == 64:
+            raw = raw[:32]
+        return cls(nacl.signing.SigningKey(raw))
+
+    @property
+    def pubkey(self) -> str:
+        return self._signing_key.verify_key.encode().hex()
+
+    @property
+    def secret_hex(self) -> str:
+        # libsodium's 64-byte form, compatible with the original's config.
+        return (bytes(self._signing_key) + self._signing_key.verify_key.encode()).hex()
+
+    def sign(self, message: bytes) -> str:
+        return self._signing_key.sign(message).signature.hex()
+
+    def box_private_key(self) -> nacl.public.PrivateKey:
+        return self._signing_key.to_curve25519_private_key()
+
+
+def box_public_key(pubkey_hex: str) -> nacl.public.PublicKey:
+    """
+    The X25519 public key of an ed25519 public key.
+    """
+    return nacl.signing.VerifyKey(binascii.unhexlify(pubkey_hex)).to_curve25519_public_key()
+
+
+# -- message encryption -----------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def encrypt_direct(sender: Identity, recipient_pubkey: str, plaintext: bytes):
+    """
+    crypto_box a direct message. Returns C{(nonce, ciphertext)} as standard
+    padded base64; the ciphertext excludes the nonce.
+    """
+    box = nacl.public.Box(sender.box_private_key(), box_public_key(recipient_pubkey))
+    nonce = nacl.utils.random(nacl.public.Box.NONCE_SIZE)
+    sealed = box.encrypt(plaintext, nonce)
+    return _b64(nonce), _b64(sealed.ciphertext)
+
+
+def decrypt_direct(recipient: Identity, sender_pubkey: str, nonce: str, ciphertext: str) -> bytes:
+    try:
+        box = nacl.public.Box(recipient.box_private_key(), box_public_key(sender_pubkey))
+        return box.decrypt(_unb64(ciphertext), _unb64(nonce))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError, binascii.Error) as e:
+        raise DecryptionFailed(str(e)) from None
+
+
+def new_mesh_key() -> bytes:
+    return nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+
+
+def encode_mesh_key(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
+
+
+def decode_mesh_key(text: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    key = base64.urlsafe_b64decode(padded.encode("ascii"))
+    if len(key) != nacl.secret.SecretBox.KEY_SIZE:
+        raise ValueError("a mesh key is 32 bytes")
+    return key
+
+
+def encrypt_broadcast(mesh_key: bytes, plaintext: bytes):
+    """
+    secretbox a broadcast under the mesh key; C{(nonce, ciphertext)} in base64.
+    """
+    nonce = nacl.utils.random(nacl.secret.SecretBox.NONCE_SIZE)
+    sealed = nacl.secret.SecretBox(mesh_key).encrypt(plaintext, nonce)
+    return _b64(nonce), _b64(sealed.ciphertext)
+
+
+def decrypt_broadcast(mesh_key: bytes, nonce: str, ciphertext: str) -> bytes:
+    try:
+        return nacl.secret.SecretBox(mesh_key).decrypt(_unb64(ciphertext), _unb64(nonce))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError, binascii.Error) as e:
+        raise DecryptionFailed(str(e)) from None

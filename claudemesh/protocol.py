@@ -1,0 +1,363 @@
+"""
+The wire protocol: inbound frame types, their validation, error and close
+codes. No I/O here.
+
+Every frame is one JSON object with a C{type}. L{decode} turns the text of a
+frame into one of the attrs classes below, or raises L{FrameError} carrying
+the exact error code (C{malformed} naming the field, C{unknown_type}) so the
+WebSocket protocol can answer every bad frame. Field names are the wire names
+(camelCase), so a reader can match this file against DESIGN section 4.
+"""
+
+import json
+import re
+
+import attr
+
+# -- close codes (DESIGN section 4.4) --------------------------------------
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_KICKED = 4001
+CLOSE_BANNED = 4002
+CLOSE_SLOW_CONSUMER = 4003
+
+REASON_SESSION_REPLACED = "session_replaced"
+REASON_DISCONNECTED = "disconnected"
+REASON_KICKED = "kicked"
+REASON_BANNED = "banned"
+REASON_SHUTTING_DOWN = "shutting down"
+REASON_FLOOD = "flood"
+
+# -- priorities, statuses ---------------------------------------------------
+
+PRIORITIES = ("now", "next", "low")
+STATUSES = ("idle", "working", "dnd")
+# set_status over the WebSocket may claim these sources; "hook" only arrives
+# through the authenticated /hook/set-status route.
+WS_STATUS_SOURCES = ("manual", "jsonl")
+ROLES = ("owner", "admin", "member")
+
+MAX_ID_LENGTH = 128
+MAX_NAME_LENGTH = 64
+MAX_SUMMARY_LENGTH = 1024
+MAX_PATH_LENGTH = 4096
+MAX_GROUP_LENGTH = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_GROUP = re.compile(r"\A[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*\Z")
+
+
+class FrameError(Exception):
+    """
+    A frame that cannot be accepted; becomes C{error {code, message}}.
+
+    @ivar req_id: the frame's C{_reqId} when it could be read, so the error
+        can be correlated.
+    @ivar send_id: the frame's C{id} for a C{send}, echoed on its refusal.
+    """
+
+    def __init__(self, code, message, req_id=None, send_id=None):
+        Exception.__init__(self, code, message)
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+        self.send_id = send_id
+
+
+def is_valid_name(value) -> bool:
+    """
+    Display and mesh names: 1-64 characters, no C{|}, no control characters.
+    """
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= MAX_NAME_LENGTH
+        and "|" not in value
+        and not _CONTROL.search(value)
+    )
+
+
+def is_valid_group(value) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_GROUP_LENGTH and bool(
+        _GROUP.match(value)
+    )
+
+
+# -- field checks -------------------------------------------------------------
+# Each check takes (name, value) and returns the value to keep, or raises
+# _Bad(explanation); decode() turns that into `malformed` naming the field.
+
+
+class _Bad(Exception):
+    pass
+
+
+_MISSING = object()
+
+
+def _text(max_length, min_length=0):
+    def check(value):
+        if not isinstance(value, str):
+            raise _Bad("must be a string")
+        if not min_length <= len(value) <= max_length:
+            raise _Bad("must be %d to %d characters" % (min_length, max_length))
+        return value
+
+    return check
+
+
+def _integer(minimum=None, maximum=None):
+    def check(value):
+        # bool is an int in Python, never in JSON.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad("must be an integer")
+        if minimum is not None and value < minimum:
+            raise _Bad("must be at least %d" % (minimum,))
+        if maximum is not None and value > maximum:
+            raise _Bad("must be at most %d" % (maximum,))
+        return value
+
+    return check
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise _Bad("must be true or false")
+    return value
+
+
+def _choice(*values):
+    def check(value):
+        if value not in values:
+            raise _Bad("must be one of " + ", ".join(values))
+        return value
+
+    return check
+
+
+def _name(value):
+    if not is_valid_name(value):
+        raise _Bad("must be 1-64 characters without '|' or control characters")
+    return value
+
+
+def _group(value):
+    if not is_valid_group(value):
+        raise _Bad("must be a group name like 'team' or 'team/backend'")
+    return value
+
+
+def _groups(value):
+    if not isinstance(value, list) or len(value) > 64:
+        raise _Bad("must be a list of at most 64 groups")
+    kept = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise _Bad("must hold objects {name, role?}")
+        _group(item.get("name"))
+        role = item.get("role")
+        if role is not None and not (isinstance(role, str) and len(role) <= MAX_NAME_LENGTH):
+            raise _Bad("role must be a short string")
+        kept.append((item["name"], role))
+    return tuple(kept)
+
+
+def _anything(value):
+    return value
+
+
+def field(check, default=_MISSING):
+    """
+    A frame field: C{check} validates the wire value; with no C{default} the
+    field is required.
+    """
+    if default is _MISSING:
+        return attr.ib(metadata={"check": check})
+    return attr.ib(default=default, metadata={"check": check})
+
+
+_REQ_ID = _text(MAX_ID_LENGTH)
+FRAME_TYPES = {}
+
+
+def frame(type_name):
+    """
+    Register an attrs class as the decoded form of frames of C{type_name}.
+    """
+
+    def register(cls):
+        cls = attr.s(frozen=True, slots=True)(cls)
+        cls.TYPE = type_name
+        FRAME_TYPES[type_name] = cls
+        return cls
+
+    return register
+
+
+# -- inbound frames ----------------------------------------------------------
+
+
+@frame("hello")
+class Hello:
+    meshId = field(_text(MAX_ID_LENGTH, 1))
+    memberId = field(_text(MAX_ID_LENGTH, 1))
+    pubkey = field(_text(MAX_ID_LENGTH))
+    signature = field(_text(256))
+    sessionId = field(_text(MAX_ID_LENGTH, 1))
+    # A missing or non-integer timestamp is a clock problem for the caller
+    # (timestamp_skew), checked by the broker, not a malformed frame.
+    timestamp = field(_anything, None)
+    pid = field(_integer(0, 2**31 - 1), 0)
+    cwd = field(_text(MAX_PATH_LENGTH), "")
+    displayName = field(_name, None)
+    sessionPubkey = field(_anything, None)
+    sessionSignature = field(_text(256), None)
+    claudeSessionId = field(_text(MAX_ID_LENGTH), None)
+    hostname = field(_text(255), None)
+    peerType = field(_choice("ai", "human", "connector"), None)
+    channel = field(_text(64), None)
+    model = field(_text(128), None)
+    groups = field(_groups, ())
+    receive = field(_boolean, True)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("send")
+class Send:
+    targetSpec = field(_text(256, 1))
+    nonce = field(_text(64, 1))
+    ciphertext = field(_text(2**31, 0))
+    priority = field(_choice(*PRIORITIES), "next")
+    id = field(_text(MAX_ID_LENGTH), None)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("client_ack")
+class ClientAck:
+    messageId = field(_text(MAX_ID_LENGTH, 1))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("set_status")
+class SetStatus:
+    status = field(_choice(*STATUSES))
+    source = field(_choice(*WS_STATUS_SOURCES), "manual")
+    sessionId = field(_text(MAX_ID_LENGTH, 1), None)
+    all = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("set_summary")
+class SetSummary:
+    summary = field(_text(MAX_SUMMARY_LENGTH))
+    sessionId = field(_text(MAX_ID_LENGTH, 1), None)
+    all = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("list_peers")
+class ListPeers:
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("join_group")
+class JoinGroup:
+    name = field(_group)
+    role = field(_text(MAX_NAME_LENGTH), None)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("leave_group")
+class LeaveGroup:
+    name = field(_group)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("message_status")
+class MessageStatus:
+    messageId = field(_text(MAX_ID_LENGTH, 1))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("audit_query")
+class AuditQuery:
+    limit = field(_integer(1, 500), 50)
+    offset = field(_integer(0), 0)
+    eventType = field(_text(64), None)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("audit_verify")
+class AuditVerify:
+    _reqId = field(_REQ_ID, None)
+
+
+def _wire_name(attribute):
+    # attrs strips the leading underscore of private names in __init__; the
+    # wire keeps it (`_reqId`).
+    return attribute.name
+
+
+def decode(text, max_bytes=None):
+    """
+    Parse and validate one text frame.
+
+    @return: an instance of the registered class for its C{type}.
+    @raise FrameError: C{malformed} (naming the field) or C{unknown_type}.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FrameError("malformed", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError("malformed", "frame must be a JSON object")
+    req_id = obj.get("_reqId")
+    if not (isinstance(req_id, str) and len(req_id) <= MAX_ID_LENGTH):
+        req_id = None
+    type_name = obj.get("type")
+    cls = FRAME_TYPES.get(type_name) if isinstance(type_name, str) else None
+    send_id = obj.get("id") if type_name == "send" else None
+    if not (isinstance(send_id, str) and len(send_id) <= MAX_ID_LENGTH):
+        send_id = None
+    if cls is None:
+        if not isinstance(type_name, str):
+            raise FrameError("malformed", "field 'type' must be a string", req_id)
+        raise FrameError(
+            "unknown_type", "unknown frame type %r" % (type_name[:64],), req_id
+        )
+    values = {}
+    for attribute in attr.fields(cls):
+        wire = _wire_name(attribute)
+        raw = obj.get(wire, _MISSING)
+        if raw is _MISSING or raw is None:
+            if attribute.default is attr.NOTHING:
+                raise FrameError(
+                    "malformed", "field %r is required" % (wire,), req_id, send_id
+                )
+            continue
+        try:
+            value = attribute.metadata["check"](raw)
+        except _Bad as e:
+            raise FrameError(
+                "malformed", "field %r %s" % (wire, e.args[0]), req_id, send_id
+            ) from None
+        values[wire.lstrip("_")] = value
+    return cls(**values)
+
+
+def encode(message: dict) -> bytes:
+    """
+    Serialise an outbound frame once, compactly, as UTF-8.
+    """
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_frame(code, message, req_id=None, **extra):
+    reply = {"type": "error", "code": code, "message": message}
+    reply.update(extra)
+    if req_id is not None:
+        reply["_reqId"] = req_id
+    return reply
