@@ -289,33 +289,36 @@ class Broker(service.Service):
         mesh = self._meshes.get(mesh_id)
         if mesh is not None:
             return defer.succeed(mesh)
-        waiting = self._loading.get(mesh_id)
-        if waiting is None:
-            waiting = self._loading[mesh_id] = []
-
-            @defer.inlineCallbacks
-            def load():
-                record = yield self.store.get_mesh(mesh_id)
-                if record is None:
-                    return None
-                members = yield self.store.list_members(mesh_id)
-                return MeshState(record, members)
-
-            def loaded(result):
-                waiters = self._loading.pop(mesh_id, [])
-                if result is not None:
-                    result = self._meshes.setdefault(mesh_id, result)
-                for d in waiters:
-                    d.callback(result)
-
-            def failed(f):
-                waiters = self._loading.pop(mesh_id, [])
-                for d in waiters:
-                    d.errback(f)
-
-            load().addCallbacks(loaded, failed)
         d = defer.Deferred()
-        waiting.append(d)
+        waiting = self._loading.get(mesh_id)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        # Register the waiter before loading: a store that answers at once
+        # (the memory store) fires loaded() before load() returns.
+        self._loading[mesh_id] = [d]
+
+        @defer.inlineCallbacks
+        def load():
+            record = yield self.store.get_mesh(mesh_id)
+            if record is None:
+                return None
+            members = yield self.store.list_members(mesh_id)
+            return MeshState(record, members)
+
+        def loaded(result):
+            waiters = self._loading.pop(mesh_id, [])
+            if result is not None:
+                result = self._meshes.setdefault(mesh_id, result)
+            for waiter in waiters:
+                waiter.callback(result)
+
+        def failed(f):
+            waiters = self._loading.pop(mesh_id, [])
+            for waiter in waiters:
+                waiter.errback(f)
+
+        load().addCallbacks(loaded, failed)
         return d
 
     def cached_mesh(self, mesh_id):

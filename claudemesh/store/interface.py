@@ -164,6 +164,8 @@ class IStore(Interface):
     def close_sessions(presence_ids, disconnected_at):
         """
         Mark these sessions disconnected and release the leases they held.
+        Fires with the number of sessions closed (already closed ones do not
+        count).
         """
 
     def close_all_sessions(disconnected_at):
@@ -186,6 +188,14 @@ class IStore(Interface):
         and the given L{AuditEvent}s, in one transaction and one round trip
         per table. A message whose (sender member, client id) was seen before
         (and has not expired) is not stored again.
+
+        A send key lives until its message's C{expires_at}, judged against the
+        retry's own C{created_at}; a later message with an expired key stores
+        normally and takes the key over. The second of two messages with the
+        same key in one batch is a duplicate of the first. A duplicate whose
+        original message was pruned already reports C{seq} 0. A recipient
+        listed twice in one message gets one delivery. A new message whose id
+        exists already fails the whole batch with L{DuplicateKey}.
 
         @return: a L{Deferred} firing with one L{EnqueueResult} per message,
             in order, carrying the sequence number the store assigned.
@@ -219,7 +229,8 @@ class IStore(Interface):
 
     def get_message(message_id):
         """
-        The stored message as a L{NewMessage} (without deliveries), or
+        The stored message as a L{NewMessage} (without deliveries, and with
+        C{client_id} C{None}: the message table does not keep it), or
         C{None}.
         """
 
@@ -262,5 +273,7 @@ class IStore(Interface):
     def verify_chain(mesh_id):
         """
         Walk the mesh's chain, recomputing every hash. Fires with a
-        L{ChainVerification}.
+        L{ChainVerification}: C{entries} counts every row of the chain,
+        C{broken_at} is the C{seq} of the first row whose link or hash does
+        not match.
         """

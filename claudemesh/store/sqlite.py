@@ -1,0 +1,230 @@
+"""
+The embedded default store: SQLite through L{twisted.enterprise.adbapi}.
+
+One connection (C{cp_min=cp_max=1}) in one thread serialises every
+transaction, which is what makes the claim and the invite consumption atomic
+here; writes take the database lock up front (C{BEGIN IMMEDIATE}) so another
+process opening the same file waits (C{busy_timeout}) instead of failing
+half-way through a transaction.
+
+Message sequence numbers come from a counter held in memory, started at
+C{MAX(seq) + 1} when the store opens. They only ever grow while the process
+runs and across restarts as long as the newest message is kept; pruning every
+message and restarting may hand out a number again, which is harmless because
+nothing pending can carry the old one.
+"""
+
+import itertools
+import sqlite3
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+
+from claudemesh.store import schema
+from claudemesh.store._sql import (
+    CLAIMED_SELECT,
+    Execute,
+    InsertRows,
+    Query,
+    SQLStore,
+    claimable_where,
+    claimed_from_row,
+    flatten,
+    placeholders,
+)
+from claudemesh.store.interface import DuplicateKey, StoreUnavailable
+
+# How long a statement waits for another process's write lock, in ms.
+BUSY_TIMEOUT_MS = 5000
+
+# sqlite3.OperationalError texts that mean "try again later", not a bug.
+_UNAVAILABLE = ("locked", "busy", "disk i/o", "unable to open", "readonly")
+
+
+def _qmark(sql: str) -> str:
+    return sql.replace("%s", "?")
+
+
+def _execute(cursor, operation):
+    if isinstance(operation, Query):
+        cursor.execute(_qmark(operation.sql), operation.params)
+        return cursor.fetchall()
+    if isinstance(operation, Execute):
+        cursor.execute(_qmark(operation.sql), operation.params)
+        return cursor.rowcount
+    if isinstance(operation, InsertRows):
+        if operation.rows:
+            one_row = "(" + placeholders(len(operation.columns)) + ")"
+            cursor.executemany(_qmark(operation.statement(one_row)), operation.rows)
+        return None
+    raise TypeError("not an SQL operation: %r" % (operation,))
+
+
+def _drive(cursor, generator):
+    """
+    Run a generator of SQL operations to completion on C{cursor}.
+    """
+    result = None
+    while True:
+        try:
+            operation = generator.send(result)
+        except StopIteration as stop:
+            return stop.value
+        result = _execute(cursor, operation)
+
+
+def _configure(connection):
+    # Runs once, in the pool's thread, on the pool's only connection.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA busy_timeout = %d" % (BUSY_TIMEOUT_MS,))
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+class SQLiteStore(SQLStore):
+    """
+    An L{IStore} in one SQLite file (or C{:memory:}, for tests).
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path, reactor):
+        self.path = path
+        self._reactor = reactor
+        self._pool = None
+        self._seqs = None
+
+    def __repr__(self):
+        return "<SQLiteStore %s>" % (self.path,)
+
+    def open(self):
+        # isolation_level=None: sqlite3 must not open transactions behind our
+        # back (it would not for DDL, leaving a half-created schema after a
+        # failure); _run issues BEGIN itself and adbapi commits.
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=1,
+            cp_reactor=self._reactor,
+            cp_openfun=_configure,
+        )
+        d = self._transact(self._open)
+
+        def failed(failure):
+            self._close_pool()
+            return failure
+
+        return d.addErrback(failed)
+
+    def _open(self):
+        yield from schema.migrate(self)
+        rows = yield Query("SELECT COALESCE(MAX(seq), 0) FROM messages")
+        self._seqs = itertools.count(int(rows[0][0]) + 1)
+
+    def close(self):
+        self._close_pool()
+        return defer.succeed(None)
+
+    def _close_pool(self):
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def ping(self):
+        return self._transact(self._ping, write=False)
+
+    def _ping(self):
+        yield Query("SELECT 1")
+
+    # -- running transactions -----------------------------------------------
+
+    def _transact(self, operation, *args, write=True):
+        if self._pool is None:
+            return defer.fail(StoreUnavailable("%r is not open" % (self,)))
+        d = self._pool.runWithConnection(self._run, operation, args, write)
+        return d.addErrback(self._map_failure)
+
+    @staticmethod
+    def _run(connection, operation, args, write):
+        cursor = connection.cursor()
+        # IMMEDIATE takes the write lock now: a deferred transaction that
+        # reads, then writes, can fail with SQLITE_BUSY half-way when another
+        # process wrote in between.
+        cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            return _drive(cursor, operation(*args))
+        finally:
+            cursor.close()
+
+    def _map_failure(self, failure):
+        error = failure.value
+        if isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error):
+            raise DuplicateKey(str(error)) from error
+        if isinstance(error, sqlite3.OperationalError) and any(
+            text in str(error).lower() for text in _UNAVAILABLE
+        ):
+            raise StoreUnavailable("%s: %s" % (self.path, error)) from error
+        return failure
+
+    # -- the dialect ---------------------------------------------------------
+
+    def migration_prologue(self):
+        # BEGIN IMMEDIATE already holds the database's write lock.
+        return
+        yield
+
+    def table_exists(self, name):
+        rows = yield Query(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = %s", (name,)
+        )
+        return bool(rows)
+
+    def migration_epilogue(self):
+        return
+        yield
+
+    def _next_seqs(self, count):
+        return [next(self._seqs) for _ in range(count)]
+        yield
+
+    def _lock_chains(self, mesh_ids):
+        # The single connection serialises every transaction already.
+        return
+        yield
+
+    def _claim(
+        self,
+        member_id,
+        session_pubkey,
+        presence_id,
+        groups,
+        priorities,
+        now,
+        lease_ms,
+        limit,
+    ):
+        where, params = claimable_where(
+            member_id, session_pubkey, groups, priorities, now
+        )
+        rows = yield Query(
+            "SELECT %s FROM deliveries d JOIN messages m ON m.id = d.message_id"
+            " WHERE %s ORDER BY d.seq, d.recipient_key LIMIT %%s"
+            % (CLAIMED_SELECT.format(d="d"), where),
+            params + (limit,),
+        )
+        if not rows:
+            return []
+        keys = [(row[0], row[1]) for row in rows]
+        yield Execute(
+            "UPDATE deliveries SET state = 'leased', lease_session = %%s,"
+            " lease_until = %%s, attempts = attempts + 1"
+            " WHERE (message_id, recipient_key) IN (VALUES %s)"
+            % (placeholders(len(keys), 2),),
+            (presence_id, now + lease_ms) + flatten(keys),
+        )
+        return [claimed_from_row(row, attempts_delta=1) for row in rows]

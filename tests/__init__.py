@@ -1,0 +1,1 @@
+"""Tests for claudemesh (trial: python -m twisted.trial tests)."""
