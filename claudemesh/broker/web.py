@@ -1,0 +1,448 @@
+"""
+The HTTP side of the broker: one Resource tree on the one listening port.
+
+Routes (DESIGN section 7)::
+
+    /ws             the WebSocket endpoint (Autobahn WebSocketResource)
+    /health         GET liveness: always 200 while the process serves HTTP
+    /health/ready   GET readiness: 503 while the store is unreachable
+    /metrics        GET Prometheus text exposition of the broker's registry
+
+Every other path answers 404 C{{"error": "not_found"}} and a known path asked
+with a method it does not implement answers 405 with an C{Allow} header; all
+answers except C{/metrics} are JSON.
+
+The routes added by later issues (C{/hook/set-status}, C{/meshes}, C{/join})
+are children of L{BrokerRoot} too.
+"""
+
+import json
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory
+from prometheus_client import CollectorRegistry, Gauge, Info
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from claudemesh import __version__
+from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
+
+JSON_CONTENT_TYPE = b"application/json"
+
+# How long a readiness answer may reuse the last ping. Load balancers poll
+# /health/ready every few seconds; coalescing keeps a burst of (unauthenticated)
+# readiness requests from turning into a burst of database round trips.
+READINESS_MAX_AGE_SECONDS = 1.0
+
+# A ping that has not answered by then counts as a failure: a database behind
+# a dead network path does not refuse, it just never answers.
+PING_TIMEOUT_SECONDS = 4.0
+
+
+def json_body(request, code, document):
+    """
+    Set the response code and JSON headers of C{request} and return the
+    encoded body.
+
+    @param request: the L{twisted.web.server.Request} being answered.
+    @param code: the HTTP status code.
+    @param document: a JSON-serialisable object.
+    @return: the body, as L{bytes}.
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    # Health answers describe this instant; a cache in between must not
+    # replay an old "ready".
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+class StoreHealth:
+    """
+    What the broker currently knows about its store's reachability.
+
+    The tap's probe timer calls L{probe} every few seconds; C{/health} reads
+    L{up}; C{/health/ready} calls L{check}, which pings again when the last
+    answer is older than a second. A ping in flight is shared by every caller
+    that asks while it runs, so there is never more than one at a time.
+
+    Until L{store_opened} is called the store counts as down and is not
+    pinged: a ping racing the store's own connection set-up would only
+    disturb it.
+
+    @ivar up: C{True} when the last ping succeeded; C{False} before the first
+        ping has answered and after a failed one.
+    @ivar checked_at: the clock time the last ping answered (or failed), or
+        C{None} before the first one.
+    """
+
+    _log = Logger()
+
+    def __init__(self, store, clock, ping_timeout=PING_TIMEOUT_SECONDS, opened=True):
+        """
+        @param store: an L{claudemesh.store.interface.IStore} provider.
+        @param clock: an L{twisted.internet.interfaces.IReactorTime}.
+        @param ping_timeout: seconds after which an unanswered ping fails.
+        @param opened: whether the store is open already; when C{False},
+            L{store_opened} says when it is.
+        """
+        self._store = store
+        self._clock = clock
+        self._ping_timeout = ping_timeout
+        self._opened = opened
+        self._waiting = []
+        self.up = False
+        self.checked_at = None
+
+    def store_opened(self):
+        """
+        The store finished opening: ping it now (rather than at the next
+        probe tick, up to five seconds later) and from then on.
+
+        @return: the L{Deferred} of that first L{probe}.
+        """
+        self._opened = True
+        return self.probe()
+
+    def probe(self):
+        """
+        Ping the store now (or join the ping already running).
+
+        @return: a L{Deferred} firing with C{True} when the store answered and
+            C{False} otherwise. It never fails.
+        """
+        answer = Deferred()
+        if not self._opened:
+            answer.callback(False)
+            return answer
+        self._waiting.append(answer)
+        if len(self._waiting) == 1:
+            pinging = maybeDeferred(self._store.ping)
+            pinging.addTimeout(self._ping_timeout, self._clock)
+            pinging.addCallbacks(self._answered, self._failed)
+        return answer
+
+    def check(self, max_age=READINESS_MAX_AGE_SECONDS):
+        """
+        The store's reachability, pinging again unless the last answer is
+        younger than C{max_age} seconds.
+
+        @return: a L{Deferred} firing with C{True} or C{False}.
+        """
+        fresh = (
+            self.checked_at is not None
+            and self._clock.seconds() - self.checked_at < max_age
+            and not self._waiting
+        )
+        if fresh:
+            answer = Deferred()
+            answer.callback(self.up)
+            return answer
+        return self.probe()
+
+    def _answered(self, ignored):
+        if not self.up and self.checked_at is not None:
+            self._log.info("store is reachable again")
+        self._record(True)
+
+    def _failed(self, failure):
+        if self.up or self.checked_at is None:
+            # Log the transition, not every failed probe: an outage would
+            # otherwise write a line every five seconds.
+            self._log.warn(
+                "store is unreachable: {reason}", reason=failure.getErrorMessage()
+            )
+        self._record(False)
+
+    def _record(self, up):
+        self.up = up
+        self.checked_at = self._clock.seconds()
+        waiting, self._waiting = self._waiting, []
+        for answer in waiting:
+            answer.callback(up)
+
+
+def register_health_metrics(registry, health):
+    """
+    Register the broker's own process-level metrics in C{registry}:
+    C{claudemesh_build_info}, C{claudemesh_store_up} and the standard
+    C{process_*} collector.
+
+    @param registry: the broker's L{CollectorRegistry} (never the global
+        default one, so that tests and several brokers in one process stay
+        isolated).
+    @param health: the L{StoreHealth} whose state C{claudemesh_store_up}
+        exports.
+    """
+    Info(
+        "claudemesh_build", "The claudemesh broker's version.", registry=registry
+    ).info({"version": __version__})
+    store_up = Gauge(
+        "claudemesh_store_up",
+        "1 when the last store ping succeeded, else 0.",
+        registry=registry,
+    )
+    store_up.set_function(lambda: 1.0 if health.up else 0.0)
+    ProcessCollector(registry=registry)
+
+
+class JSONResource(Resource):
+    """
+    A resource whose unknown children answer 404 JSON and whose unsupported
+    methods answer 405 JSON, instead of Twisted's HTML pages.
+    """
+
+    def getChild(self, path, request):
+        return NotFoundResource()
+
+    def render(self, request):
+        method = request.method.decode("ascii", "replace")
+        render_method = getattr(self, "render_" + method, None)
+        if render_method is None and method == "HEAD":
+            # As twisted.web does: HEAD is GET without the body (the request
+            # drops the body it is given).
+            render_method = getattr(self, "render_GET", None)
+        if render_method is None:
+            allowed = {name[len("render_"):] for name in dir(self) if name.startswith("render_")}
+            if "GET" in allowed:
+                allowed.add("HEAD")
+            allowed = sorted(allowed)
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            return json_body(request, 405, {"error": "method_not_allowed"})
+        return render_method(request)
+
+
+class NotFoundResource(JSONResource):
+    """
+    Any path the broker does not serve: 404 C{{"error": "not_found"}} for
+    every method.
+    """
+
+    def getChild(self, path, request):
+        return self
+
+    def render(self, request):
+        return json_body(request, 404, {"error": "not_found"})
+
+
+class BrokerRoot(JSONResource):
+    """
+    The root of the broker's tree. C{/} itself is not a route.
+    """
+
+    def render(self, request):
+        return json_body(request, 404, {"error": "not_found"})
+
+
+class HealthResource(JSONResource):
+    """
+    C{GET /health}: liveness. Always 200 while the process answers HTTP; the
+    store's state is reported (C{db}) but does not change the status code, so
+    a supervisor does not restart a broker that is merely waiting for its
+    database.
+    """
+
+    def __init__(self, health, clock, started_at):
+        """
+        @param health: the broker's L{StoreHealth}.
+        @param clock: an L{twisted.internet.interfaces.IReactorTime}.
+        @param started_at: the clock time the broker started, for C{uptime}.
+        """
+        super().__init__()
+        self._health = health
+        self._clock = clock
+        self._started_at = started_at
+
+    def render_GET(self, request):
+        now = self._clock.seconds()
+        return json_body(
+            request,
+            200,
+            {
+                "status": "ok",
+                "db": "up" if self._health.up else "down",
+                "version": __version__,
+                "uptime": int(now - self._started_at),
+                "serverTime": int(now * 1000),
+            },
+        )
+
+
+class ReadinessResource(JSONResource):
+    """
+    C{GET /health/ready}: 200 C{{"status": "ready"}} when the store answers a
+    ping, 503 C{{"status": "not_ready", "reason": "db_down"}} while it does
+    not. It follows the store down and back up without a restart.
+    """
+
+    _log = Logger()
+
+    def __init__(self, health, clock, started_at):
+        """
+        @param health: the broker's L{StoreHealth}.
+        @param clock: an L{twisted.internet.interfaces.IReactorTime}.
+        @param started_at: the clock time the broker started, for C{uptime}.
+        """
+        super().__init__()
+        self._health = health
+        self._clock = clock
+        self._started_at = started_at
+
+    def render_GET(self, request):
+        gone = []
+        request.notifyFinish().addErrback(lambda failure: gone.append(failure))
+
+        def answer(up):
+            if gone:
+                # The client hung up while we pinged; there is no one to
+                # answer.
+                return
+            if up:
+                body = json_body(
+                    request,
+                    200,
+                    {
+                        "status": "ready",
+                        "version": __version__,
+                        "uptime": int(self._clock.seconds() - self._started_at),
+                    },
+                )
+            else:
+                body = json_body(
+                    request, 503, {"status": "not_ready", "reason": "db_down"}
+                )
+            # Answered after render returned: without a length, HTTP/1.1
+            # would chunk the body.
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            request.write(body)
+            request.finish()
+
+        def broken(failure):
+            # StoreHealth.check never fails; if it ever does, answer rather
+            # than leave the load balancer hanging.
+            self._log.failure("readiness check failed", failure)
+            answer(False)
+
+        self._health.check().addCallback(answer).addErrback(broken)
+        return NOT_DONE_YET
+
+
+class MetricsResource(JSONResource):
+    """
+    C{GET /metrics}: the broker's Prometheus registry in the text exposition
+    format 0.0.4 (understood by every Prometheus version).
+    """
+
+    def __init__(self, registry):
+        """
+        @param registry: the broker's L{CollectorRegistry}.
+        """
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return generate_latest(self._registry)
+
+
+class BrokerSite(Site):
+    """
+    The broker's L{Site}: no per-request access log and no tracebacks in
+    error pages.
+
+    Access logs are off because request lines are where secrets leak: a
+    WebSocket URL with a token in its query, an invite token in a path. The
+    broker logs what it does itself, with structured fields chosen not to
+    carry secrets (DESIGN section 7).
+    """
+
+    displayTracebacks = False
+
+    def log(self, request):
+        """
+        Do not log the request (see the class docstring).
+        """
+
+
+def configure_ws_factory(factory, settings):
+    """
+    Apply the broker's WebSocket options to an Autobahn server factory (the
+    stub one here and the real one of L{claudemesh.broker.ws}).
+
+    @param factory: a L{WebSocketServerFactory}.
+    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
+    """
+    factory.setProtocolOptions(
+        # Liveness (DESIGN 4.3): ping every 30 s, drop a peer silent for 75 s.
+        autoPingInterval=settings.auto_ping_interval,
+        autoPingTimeout=settings.auto_ping_timeout,
+        # Autobahn drops TCP on a protocol violation by default, which the
+        # peer sees as 1006; we want it to see the real 1008/1009 close.
+        failByDrop=False,
+        maxMessagePayloadSize=settings.max_message_bytes,
+        maxFramePayloadSize=settings.max_message_bytes,
+        # A plain GET /ws gets "426 Upgrade Required" instead of Autobahn's
+        # HTML status page (which also advertises the Autobahn version).
+        webStatus=False,
+    )
+
+
+def make_ws_factory(settings, reactor, protocol=UnwiredBrokerProtocol):
+    """
+    Build the WebSocket server factory mounted at C{/ws}.
+
+    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
+    @param reactor: the reactor Autobahn schedules its pings and timeouts on.
+    @param protocol: the protocol class; the stub until the broker core is
+        wired in.
+    @return: a configured L{WebSocketServerFactory}.
+    """
+    factory = WebSocketServerFactory(
+        server="claudemesh/" + __version__, reactor=reactor
+    )
+    factory.protocol = protocol
+    # The Site logs its own start; one "Starting factory" line per start adds
+    # nothing.
+    factory.noisy = False
+    configure_ws_factory(factory, settings)
+    return factory
+
+
+def make_site(health, clock, settings, registry=None, ws_factory=None):
+    """
+    Build the broker's L{BrokerSite} with its whole resource tree.
+
+    @param health: the broker's L{StoreHealth}.
+    @param clock: an L{twisted.internet.interfaces.IReactorTime}; also the
+        reactor of the stub WebSocket factory when C{ws_factory} is C{None}.
+    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
+    @param registry: the L{CollectorRegistry} served at C{/metrics}; a new
+        one carrying L{register_health_metrics} when C{None}.
+    @param ws_factory: the WebSocket factory for C{/ws}; the stub one of
+        L{make_ws_factory} when C{None}. Twisted's L{Site} does not start or
+        stop factories wrapped in a L{WebSocketResource}: the caller does
+        (see L{claudemesh.broker.tap.WebSocketFactoryService}).
+    @return: a L{BrokerSite}, with the WebSocket factory as its C{ws_factory}
+        attribute.
+    """
+    if registry is None:
+        registry = CollectorRegistry()
+        register_health_metrics(registry, health)
+    if ws_factory is None:
+        ws_factory = make_ws_factory(settings, clock)
+    started_at = clock.seconds()
+    root = BrokerRoot()
+    health_resource = HealthResource(health, clock, started_at)
+    health_resource.putChild(b"ready", ReadinessResource(health, clock, started_at))
+    root.putChild(b"health", health_resource)
+    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"ws", WebSocketResource(ws_factory))
+    site = BrokerSite(root, reactor=clock)
+    site.noisy = False
+    site.ws_factory = ws_factory
+    return site
