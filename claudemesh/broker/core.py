@@ -260,6 +260,22 @@ class Broker(service.Service):
                     session.grace_call.cancel()
         return self.writes.flushed()
 
+    def store_opened(self):
+        """
+        The store is open: sessions it still lists as open were left by a
+        previous process (their leases go back to the queue).
+        """
+        d = self.store.close_all_sessions(self.now_ms())
+
+        def closed(count):
+            if count:
+                self._log.info("closed {count} sessions left open by a previous run",
+                               count=count)
+
+        d.addCallback(closed)
+        d.addErrback(lambda f: self._log.failure("closing stale sessions failed", f))
+        return d
+
     def _schedule_sweep(self):
         self._sweeper = self.clock.callLater(SWEEP_INTERVAL, self._sweep_step)
 

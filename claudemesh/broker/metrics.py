@@ -44,5 +44,3 @@ class BrokerMetrics:
         self.store_batch_size = Histogram(
             "claudemesh_store_batch_size", "Operations per committed store batch.",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
-        self.store_up = Gauge(
-            "claudemesh_store_up", "1 when the last store probe succeeded.", registry=r)

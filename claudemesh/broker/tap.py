@@ -35,13 +35,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from claudemesh import __version__
+from claudemesh.broker.core import Broker
+from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import (
     StoreHealth,
     make_site,
-    make_ws_factory,
     register_health_metrics,
 )
+from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store import StoreService, describe_store, make_store
 
 _log = Logger()
@@ -581,23 +583,20 @@ def makeService(config, reactor=None):
     registry = CollectorRegistry()
     register_health_metrics(registry, health)
 
-    # ---- The broker core plugs in here (next issue) ----------------------
-    # Roughly:
-    #   broker = Broker(store, reactor, settings, metrics=BrokerMetrics(registry))
-    #   broker.setServiceParent(top)   # after the store service: started later
-    #   ws_factory = BrokerServerFactory(broker, reactor, settings)
-    #   configure_ws_factory(ws_factory, settings)   # from claudemesh.broker.web
-    # plus /hook/set-status, /meshes and /join in make_site, and the core's
-    # periodic work (expiry, retention) as TimerServices wrapped in
-    # timer_step. Until then /ws answers every frame with "unavailable".
-    ws_factory = make_ws_factory(settings, reactor)
-    # -----------------------------------------------------------------------
+    broker = Broker(store, reactor, settings, metrics=BrokerMetrics(registry))
+    broker.setName("broker")
+    # After the store service, so it stops first: its stopService flushes
+    # the pending store writes while the store is still open.
+    broker.setServiceParent(top)
+    store_service.whenOpen().addCallbacks(lambda _: broker.store_opened(), lambda _: None)
+    ws_factory = BrokerServerFactory(broker, reactor, settings)
 
     ws_factory_service = WebSocketFactoryService(ws_factory)
     ws_factory_service.setName("ws-factory")
     ws_factory_service.setServiceParent(top)
 
-    site = make_site(health, reactor, settings, registry=registry, ws_factory=ws_factory)
+    site = make_site(health, reactor, settings, registry=registry, ws_factory=ws_factory,
+                     broker=broker)
     web_service = StreamServerEndpointService(serverFromString(reactor, config["port"]), site)
     # A port that cannot be bound (in use, privileged) must stop twistd at
     # start instead of leaving a broker that runs without listening.

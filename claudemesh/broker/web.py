@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from claudemesh import __version__
+from claudemesh.broker.hook import HookStatusResource
 from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -413,7 +414,7 @@ def make_ws_factory(settings, reactor, protocol=UnwiredBrokerProtocol):
     return factory
 
 
-def make_site(health, clock, settings, registry=None, ws_factory=None):
+def make_site(health, clock, settings, registry=None, ws_factory=None, broker=None):
     """
     Build the broker's L{BrokerSite} with its whole resource tree.
 
@@ -427,6 +428,8 @@ def make_site(health, clock, settings, registry=None, ws_factory=None):
         L{make_ws_factory} when C{None}. Twisted's L{Site} does not start or
         stop factories wrapped in a L{WebSocketResource}: the caller does
         (see L{claudemesh.broker.tap.WebSocketFactoryService}).
+    @param broker: the L{claudemesh.broker.core.Broker} behind the routes that
+        act on it (C{/hook/set-status}); they are absent without one.
     @return: a L{BrokerSite}, with the WebSocket factory as its C{ws_factory}
         attribute.
     """
@@ -442,6 +445,10 @@ def make_site(health, clock, settings, registry=None, ws_factory=None):
     root.putChild(b"health", health_resource)
     root.putChild(b"metrics", MetricsResource(registry))
     root.putChild(b"ws", WebSocketResource(ws_factory))
+    if broker is not None:
+        hook = NotFoundResource()
+        hook.putChild(b"set-status", HookStatusResource(broker, settings.max_message_bytes))
+        root.putChild(b"hook", hook)
     site = BrokerSite(root, reactor=clock)
     site.noisy = False
     site.ws_factory = ws_factory

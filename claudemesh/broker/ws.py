@@ -17,8 +17,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from claudemesh import protocol
+from claudemesh import __version__, protocol
 from claudemesh.broker.core import IPeerConnection, Refusal
+from claudemesh.broker.web import configure_ws_factory
 
 ERROR_FLOOD_COUNT = 100
 ERROR_FLOOD_SECONDS = 10.0
@@ -202,16 +203,10 @@ class BrokerServerFactory(WebSocketServerFactory):
     protocol = BrokerServerProtocol
 
     def __init__(self, broker, clock, settings, url=None):
-        WebSocketServerFactory.__init__(self, url)
+        WebSocketServerFactory.__init__(
+            self, url, server="claudemesh/" + __version__, reactor=clock)
         self.broker = broker
-        # Autobahn uses .reactor for its own timers; the error-flood window
-        # reads this clock so tests can drive it.
+        # The error-flood window reads this clock so tests can drive it.
         self.clock = clock
-        self.setProtocolOptions(
-            autoPingInterval=settings.auto_ping_interval,
-            autoPingTimeout=settings.auto_ping_timeout,
-            # Peers must see the real 1008/1009 close, not a TCP drop (1006).
-            failByDrop=False,
-            maxMessagePayloadSize=settings.max_message_bytes,
-            maxFramePayloadSize=settings.max_message_bytes,
-        )
+        self.noisy = False
+        configure_ws_factory(self, settings)
