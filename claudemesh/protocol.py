@@ -361,3 +361,103 @@ def error_frame(code, message, req_id=None, **extra):
     if req_id is not None:
         reply["_reqId"] = req_id
     return reply
+
+
+# -- membership and moderation (DESIGN section 5) ---------------------------
+
+MAX_INVITE_TOKEN = 4096
+MAX_TARGET_LENGTH = 256
+
+
+@frame("join")
+class Join:
+    invite = field(_text(MAX_INVITE_TOKEN, 1))
+    pubkey = field(_text(MAX_ID_LENGTH))
+    displayName = field(_name)
+    timestamp = field(_integer(0))
+    signature = field(_text(256))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("create_invite")
+class CreateInvite:
+    role = field(_choice("admin", "member"), "member")
+    maxUses = field(_integer(1, 10_000), 1)
+    # Seconds; at most a year.
+    expiresIn = field(_integer(60, 366 * 24 * 3600), 7 * 24 * 3600)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("list_invites")
+class ListInvites:
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("revoke_invite")
+class RevokeInvite:
+    inviteId = field(_text(MAX_ID_LENGTH, 1))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("set_role")
+class SetRole:
+    target = field(_text(MAX_TARGET_LENGTH, 1))
+    role = field(_choice(*ROLES))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("leave")
+class Leave:
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("list_members")
+class ListMembers:
+    _reqId = field(_REQ_ID, None)
+
+
+class _Selection:
+    """
+    C{disconnect} and C{kick} take exactly one of C{target}, C{stale} (ms of
+    silence) or C{all}.
+    """
+
+    def __attrs_post_init__(self):
+        chosen = [self.target is not None, self.stale is not None, bool(self.all)]
+        if sum(chosen) != 1:
+            raise FrameError(
+                "malformed", "exactly one of fields 'target', 'stale', 'all' is required",
+                self._reqId)
+
+
+@frame("disconnect")
+class Disconnect(_Selection):
+    target = field(_text(MAX_TARGET_LENGTH, 1), None)
+    stale = field(_integer(1), None)
+    all = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("kick")
+class Kick(_Selection):
+    target = field(_text(MAX_TARGET_LENGTH, 1), None)
+    stale = field(_integer(1), None)
+    all = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("ban")
+class Ban:
+    target = field(_text(MAX_TARGET_LENGTH, 1))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("unban")
+class Unban:
+    target = field(_text(MAX_TARGET_LENGTH, 1))
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("list_bans")
+class ListBans:
+    _reqId = field(_REQ_ID, None)

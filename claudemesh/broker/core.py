@@ -242,6 +242,10 @@ class Broker(service.Service):
         # (mesh id, member id, session id) -> (status, received at ms)
         self._pending_hooks = {}
         self._sweeper = None
+        # Imported here: membership builds on this module.
+        from claudemesh.broker.membership import Membership
+
+        self.membership = Membership(self)
 
     # -- service -------------------------------------------------------------
 
@@ -497,7 +501,7 @@ class Broker(service.Service):
             self.metrics.connections_active.dec()
         ending = session.ending
         session.inflight.clear()
-        if ending in ("kicked", "banned") or (clean and ending is None):
+        if (ending is not None and ending != "grace") or (clean and ending is None):
             self._end_session(session)
             return
         # Grace: leases go back at once so a sibling session can take member
@@ -533,7 +537,8 @@ class Broker(service.Service):
         """
         Close a session's connection on the broker's initiative. C{ending}
         says what happens to the session: C{"grace"} (disconnect: it may
-        come back), C{"kicked"} or C{"banned"} (it ends now).
+        come back) or anything else, such as C{"kicked"}, C{"banned"} or
+        C{"left"} (it ends now).
         """
         session.ending = ending
         connection = session.connection
@@ -938,9 +943,14 @@ class Broker(service.Service):
 
     # -- audit -----------------------------------------------------------------------
 
+    def _require_auditor(self, session):
+        if session.member.role not in ("owner", "admin"):
+            raise Refusal("forbidden", "only owner or admin can read the audit log")
+
     @defer.inlineCallbacks
     def audit_query(self, session, frame):
         self.touch(session)
+        self._require_auditor(session)
         entries, total = yield self.store.audit_entries(
             session.mesh.id, frame.limit, frame.offset, frame.eventType)
         names = session.mesh.members
@@ -953,6 +963,7 @@ class Broker(service.Service):
     @defer.inlineCallbacks
     def audit_verify(self, session, frame):
         self.touch(session)
+        self._require_auditor(session)
         yield self.writes.flushed()
         result = yield self.store.verify_chain(session.mesh.id)
         reply = {"type": "audit_verify_result", "valid": result.valid, "entries": result.entries}
@@ -995,12 +1006,13 @@ class Broker(service.Service):
         mine = mesh.sessions_of(member.id)
         target = None
         if session_id:
-            for s in mesh.sessions.values():
-                if session_id in (s.session_id, s.claude_session_id):
-                    if s.member.id != member.id:
-                        raise Refusal("forbidden", "that session belongs to another member")
-                    target = s
-                    break
+            # The caller's own session first: session ids are only unique per
+            # member, so another member may use the same one.
+            named = [s for s in mesh.sessions.values()
+                     if session_id in (s.session_id, s.claude_session_id)]
+            target = next((s for s in named if s.member.id == member.id), None)
+            if target is None and named:
+                raise Refusal("forbidden", "that session belongs to another member")
         if target is None and pid and cwd:
             candidates = [s for s in mine if s.pid == pid and s.cwd == cwd]
             target = max(candidates, key=lambda s: s.connected_at, default=None)

@@ -54,7 +54,14 @@ class HookStatusResource(resource.Resource):
             return json_response(request, 413, {"ok": False, "error": "payload too large"})
 
         def header(name):
+            # twisted.web hands header values over as bytes; the core
+            # compares and signs text. Undecodable values count as missing.
             value = request.getHeader(name)
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    value = None
             return value if value is not None else ""
 
         d = defer.maybeDeferred(

@@ -596,7 +596,8 @@ def makeService(config, reactor=None):
     ws_factory_service.setServiceParent(top)
 
     site = make_site(health, reactor, settings, registry=registry, ws_factory=ws_factory,
-                     broker=broker)
+                     broker=broker,
+                     admin_token=resolve_admin_token(config, config["data-dir"]))
     web_service = StreamServerEndpointService(serverFromString(reactor, config["port"]), site)
     # A port that cannot be bound (in use, privileged) must stop twistd at
     # start instead of leaving a broker that runs without listening.

@@ -7,13 +7,13 @@ Routes (DESIGN section 7)::
     /health         GET liveness: always 200 while the process serves HTTP
     /health/ready   GET readiness: 503 while the store is unreachable
     /metrics        GET Prometheus text exposition of the broker's registry
+    /hook/set-status  POST, the Claude Code hook (claudemesh.broker.hook)
+    /meshes           POST, create a mesh (claudemesh.broker.meshroutes)
+    /join             POST, join with an invite (claudemesh.broker.meshroutes)
 
 Every other path answers 404 C{{"error": "not_found"}} and a known path asked
 with a method it does not implement answers 405 with an C{Allow} header; all
 answers except C{/metrics} are JSON.
-
-The routes added by later issues (C{/hook/set-status}, C{/meshes}, C{/join})
-are children of L{BrokerRoot} too.
 """
 
 import json
@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from claudemesh import __version__
 from claudemesh.broker.hook import HookStatusResource
+from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -414,7 +415,8 @@ def make_ws_factory(settings, reactor, protocol=UnwiredBrokerProtocol):
     return factory
 
 
-def make_site(health, clock, settings, registry=None, ws_factory=None, broker=None):
+def make_site(health, clock, settings, registry=None, ws_factory=None, broker=None,
+              admin_token=None):
     """
     Build the broker's L{BrokerSite} with its whole resource tree.
 
@@ -429,7 +431,11 @@ def make_site(health, clock, settings, registry=None, ws_factory=None, broker=No
         stop factories wrapped in a L{WebSocketResource}: the caller does
         (see L{claudemesh.broker.tap.WebSocketFactoryService}).
     @param broker: the L{claudemesh.broker.core.Broker} behind the routes that
-        act on it (C{/hook/set-status}); they are absent without one.
+        act on it (C{/hook/set-status}, C{/meshes}, C{/join}); they are absent
+        without one.
+    @param admin_token: the token C{POST /meshes} requires, or C{None} when
+        creation is open to local clients
+        (L{claudemesh.broker.tap.resolve_admin_token} decides).
     @return: a L{BrokerSite}, with the WebSocket factory as its C{ws_factory}
         attribute.
     """
@@ -449,6 +455,9 @@ def make_site(health, clock, settings, registry=None, ws_factory=None, broker=No
         hook = NotFoundResource()
         hook.putChild(b"set-status", HookStatusResource(broker, settings.max_message_bytes))
         root.putChild(b"hook", hook)
+        root.putChild(b"meshes", MeshCreationResource(
+            broker.membership, admin_token, settings.max_message_bytes))
+        root.putChild(b"join", JoinResource(broker.membership, settings.max_message_bytes))
     site = BrokerSite(root, reactor=clock)
     site.noisy = False
     site.ws_factory = ws_factory

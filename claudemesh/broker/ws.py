@@ -24,18 +24,29 @@ from claudemesh.broker.web import configure_ws_factory
 ERROR_FLOOD_COUNT = 100
 ERROR_FLOOD_SECONDS = 10.0
 
-# Frames accepted after a successful hello, and the core method for each.
+# Frames accepted after a successful hello: type -> (part of the core, method).
 AFTER_HELLO = {
-    "send": "send",
-    "client_ack": "client_ack",
-    "set_status": "set_status",
-    "set_summary": "set_summary",
-    "list_peers": "list_peers",
-    "join_group": "join_group",
-    "leave_group": "leave_group",
-    "message_status": "message_status",
-    "audit_query": "audit_query",
-    "audit_verify": "audit_verify",
+    "send": ("broker", "send"),
+    "client_ack": ("broker", "client_ack"),
+    "set_status": ("broker", "set_status"),
+    "set_summary": ("broker", "set_summary"),
+    "list_peers": ("broker", "list_peers"),
+    "join_group": ("broker", "join_group"),
+    "leave_group": ("broker", "leave_group"),
+    "message_status": ("broker", "message_status"),
+    "audit_query": ("broker", "audit_query"),
+    "audit_verify": ("broker", "audit_verify"),
+    "create_invite": ("membership", "create_invite"),
+    "list_invites": ("membership", "list_invites"),
+    "revoke_invite": ("membership", "revoke_invite"),
+    "set_role": ("membership", "set_role"),
+    "leave": ("membership", "leave"),
+    "list_members": ("membership", "list_members"),
+    "disconnect": ("membership", "disconnect"),
+    "kick": ("membership", "kick"),
+    "ban": ("membership", "ban"),
+    "unban": ("membership", "unban"),
+    "list_bans": ("membership", "list_bans"),
 }
 
 
@@ -110,6 +121,8 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         if session is None:
             if frame.TYPE == "hello" and not self._hello_running:
                 self._hello(frame)
+            elif frame.TYPE == "join":
+                self._join(frame)
             else:
                 self._error(protocol.FrameError(
                     "no_hello", "must send hello first", frame_req_id(frame)))
@@ -118,7 +131,8 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._error(protocol.FrameError(
                 "invalid", "hello already done on this connection", frame_req_id(frame)))
             return
-        method = getattr(broker, AFTER_HELLO[frame.TYPE])
+        part, name = AFTER_HELLO[frame.TYPE]
+        method = getattr(broker if part == "broker" else broker.membership, name)
         d = defer.maybeDeferred(method, session, frame)
         d.addCallbacks(self._reply, self._refused, callbackArgs=(frame,),
                        errbackArgs=(frame,))
@@ -150,6 +164,24 @@ class BrokerServerProtocol(WebSocketServerProtocol):
 
         d.addCallbacks(accepted, refused)
         d.addErrback(self._hello_failed)
+
+    def _join(self, frame):
+        d = self.factory.broker.membership.join(frame)
+
+        def joined(result):
+            reply = {"type": "join_ack"}
+            reply.update(result)
+            self._reply(reply, frame)
+
+        def refused(f):
+            f.trap(Refusal)
+            refusal = f.value
+            self._error(protocol.FrameError(refusal.code, refusal.message, frame._reqId))
+            if refusal.close is not None:
+                self.close(*refusal.close)
+
+        d.addCallbacks(joined, refused)
+        d.addErrback(self._log_failure)
 
     def _hello_failed(self, f):
         self._hello_running = False

@@ -1,0 +1,132 @@
+"""
+C{POST /meshes} and C{POST /join}: the HTTP side of membership.
+
+C{/meshes} creates a mesh and its owner. It is authorised by the admin token
+(C{Authorization: Bearer <token>}); when the operator configured none the
+route is open only if every listening endpoint is loopback and the request
+carries no forwarding header (a reverse proxy in front must not open it to
+the world) — L{claudemesh.broker.tap.resolve_admin_token} decides which.
+
+C{/join} takes the same body as the C{join} frame.
+"""
+
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from claudemesh import protocol
+from claudemesh.broker.core import Refusal
+from claudemesh.broker.hook import json_response
+from claudemesh.broker.membership import token_matches
+
+FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+
+# Refusal codes and the HTTP status each one answers with.
+HTTP_STATUS = {
+    "unauthorized": 401,
+    "malformed": 400,
+    "timestamp_skew": 400,
+    "bad_signature": 400,
+    "bad_proof": 400,
+    "invite_bad_signature": 400,
+    "invite_mesh_mismatch": 400,
+    "invite_not_found": 404,
+    "invite_expired": 410,
+    "invite_revoked": 410,
+    "invite_exhausted": 410,
+    "revoked": 403,
+}
+
+
+class _JSONPost(resource.Resource):
+    """
+    A POST route with a JSON body of bounded size whose answer comes from a
+    Deferred.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, max_body_bytes):
+        resource.Resource.__init__(self)
+        self._max = max_body_bytes
+
+    def render_POST(self, request):
+        length = request.getHeader(b"content-length")
+        body = request.content.read(self._max + 1) if request.content is not None else b""
+        if (length is not None and length.isdigit() and int(length) > self._max) or len(
+                body) > self._max:
+            return json_response(request, 413, {"error": "payload too large"})
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return json_response(request, 400, {"error": "malformed",
+                                                "message": "body is not valid JSON"})
+        d = defer.maybeDeferred(self.answer, request, document)
+
+        def done(result):
+            request.write(json_response(request, 200, result))
+            request.finish()
+
+        def refused(f):
+            f.trap(Refusal)
+            request.write(json_response(request, HTTP_STATUS.get(f.value.code, 400), {
+                "error": f.value.code, "message": f.value.message}))
+            request.finish()
+
+        def failed(f):
+            self._log.failure("{path} failed", f, path=request.path)
+            request.write(json_response(request, 503, {"error": "unavailable"}))
+            request.finish()
+
+        d.addCallbacks(done, refused).addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def answer(self, request, document):
+        raise NotImplementedError()
+
+
+class MeshCreationResource(_JSONPost):
+    """
+    C{POST /meshes {name, ownerPubkey, displayName, timestamp, signature}} →
+    C{{meshId, memberId, slug, name}}.
+    """
+
+    def __init__(self, membership, admin_token, max_body_bytes):
+        _JSONPost.__init__(self, max_body_bytes)
+        self._membership = membership
+        self._token = admin_token
+
+    def answer(self, request, document):
+        if self._token is not None:
+            authorization = request.getHeader(b"authorization") or ""
+            if not token_matches(self._token, authorization):
+                raise Refusal("unauthorized", "a valid admin token is required")
+        elif any(request.getHeader(h) is not None for h in FORWARDING_HEADERS):
+            raise Refusal("unauthorized", "open mesh creation is for local clients only")
+        return self._membership.create_mesh(document)
+
+
+class JoinResource(_JSONPost):
+    """
+    C{POST /join {invite, pubkey, displayName, timestamp, signature}} →
+    C{{meshId, memberId, role, slug, meshName}}.
+    """
+
+    def __init__(self, membership, max_body_bytes):
+        _JSONPost.__init__(self, max_body_bytes)
+        self._membership = membership
+
+    def answer(self, request, document):
+        if not isinstance(document, dict):
+            raise Refusal("malformed", "body must be a JSON object")
+        # The same validation as the WebSocket frame.
+        document = dict(document, type="join")
+        document.pop("_reqId", None)
+        try:
+            frame = protocol.decode(json.dumps(document))
+        except protocol.FrameError as e:
+            raise Refusal(e.code, e.message) from None
+        return self._membership.join(frame)

@@ -1,0 +1,296 @@
+"""
+The client's configuration: the meshes this machine joined, with their keys.
+
+Layout (DESIGN section 4, issue 5)::
+
+    $CLAUDEMESH_CONFIG_DIR or ~/.claudemesh/      mode 0700
+        config.json                               mode 0600, written atomically
+        sessions/<mesh slug>/<session id>.json    session keys of long-lived clients
+
+C{config.json} is C{{version: 1, meshes: [...]}}; each mesh entry holds the
+original's fields (C{meshId, memberId, slug, name, pubkey, secretKey,
+brokerUrl, joinedAt}) plus ours (C{meshKey, role, displayName}). Unknown
+keys of an entry are kept as they were, so a newer client's fields survive an
+older client's write.
+
+A file that cannot be read as such a document is never overwritten: every
+reader raises L{ConfigError} with a message fit for a terminal.
+"""
+
+import json
+import os
+import re
+import tempfile
+
+import attr
+
+from claudemesh import crypto
+
+CONFIG_VERSION = 1
+CONFIG_FILE = "config.json"
+SESSIONS_DIR = "sessions"
+
+_SAFE_COMPONENT = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is missing something, corrupt, or not ours. The message
+    is meant for the user as it is.
+    """
+
+
+def config_dir(environ=None):
+    """
+    The configuration directory: C{$CLAUDEMESH_CONFIG_DIR}, else
+    C{~/.claudemesh}.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("CLAUDEMESH_CONFIG_DIR")
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    return os.path.join(os.path.expanduser("~"), ".claudemesh")
+
+
+@attr.s(auto_attribs=True)
+class MeshEntry:
+    """
+    One joined mesh: the member identity on it and how to reach its broker.
+    """
+
+    meshId: str
+    memberId: str
+    slug: str
+    name: str
+    pubkey: str
+    secretKey: str
+    brokerUrl: str
+    joinedAt: str
+    meshKey: str = ""
+    role: str = "member"
+    displayName: str | None = None
+    extra: dict = attr.ib(factory=dict)
+
+    REQUIRED = ("meshId", "memberId", "slug", "name", "pubkey", "secretKey", "brokerUrl",
+                "joinedAt")
+
+    @property
+    def identity(self):
+        return crypto.Identity.from_secret_hex(self.secretKey)
+
+    @property
+    def mesh_key(self):
+        """
+        The 32-byte mesh key, or C{None} when this entry has none.
+        """
+        return crypto.decode_mesh_key(self.meshKey) if self.meshKey else None
+
+    @classmethod
+    def from_json(cls, obj, where):
+        if not isinstance(obj, dict):
+            raise ConfigError("%s: each entry of 'meshes' must be an object" % (where,))
+        for key in cls.REQUIRED:
+            if not isinstance(obj.get(key), str) or not obj.get(key):
+                raise ConfigError("%s: a mesh entry lacks the field %r" % (where, key))
+        if not crypto.is_pubkey(obj["pubkey"]):
+            raise ConfigError("%s: mesh %r has a malformed pubkey" % (where, obj["slug"]))
+        try:
+            identity = crypto.Identity.from_secret_hex(obj["secretKey"])
+        except (ValueError, TypeError):
+            raise ConfigError(
+                "%s: mesh %r has a malformed secretKey" % (where, obj["slug"])) from None
+        if identity.pubkey != obj["pubkey"]:
+            raise ConfigError(
+                "%s: mesh %r: secretKey does not match pubkey" % (where, obj["slug"]))
+        mesh_key = obj.get("meshKey") or ""
+        if mesh_key:
+            try:
+                crypto.decode_mesh_key(mesh_key)
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    "%s: mesh %r has a malformed meshKey" % (where, obj["slug"])) from None
+        known = set(cls.REQUIRED) | {"meshKey", "role", "displayName"}
+        return cls(
+            **{k: obj[k] for k in cls.REQUIRED},
+            meshKey=mesh_key,
+            role=obj.get("role") if isinstance(obj.get("role"), str) else "member",
+            displayName=obj.get("displayName") if isinstance(obj.get("displayName"), str)
+            else None,
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+    def to_json(self):
+        obj = dict(self.extra)
+        for key in self.REQUIRED:
+            obj[key] = getattr(self, key)
+        obj["meshKey"] = self.meshKey
+        obj["role"] = self.role
+        if self.displayName is not None:
+            obj["displayName"] = self.displayName
+        return obj
+
+
+@attr.s(auto_attribs=True)
+class Config:
+    """
+    The whole C{config.json}: joined meshes plus any other top-level keys,
+    kept as read.
+    """
+
+    meshes: list = attr.ib(factory=list)
+    extra: dict = attr.ib(factory=dict)
+
+    def find(self, slug):
+        for entry in self.meshes:
+            if entry.slug == slug:
+                return entry
+        return None
+
+    def put(self, entry):
+        """
+        Add C{entry}, replacing one with the same slug.
+        """
+        self.meshes = [m for m in self.meshes if m.slug != entry.slug] + [entry]
+
+    def remove(self, slug):
+        before = len(self.meshes)
+        self.meshes = [m for m in self.meshes if m.slug != slug]
+        return len(self.meshes) != before
+
+    def select(self, slug=None):
+        """
+        The mesh a command acts on: C{slug} when given, else the only one.
+
+        @raise ConfigError: none joined, unknown slug, or several and no slug.
+        """
+        if slug is not None:
+            entry = self.find(slug)
+            if entry is None:
+                raise ConfigError(
+                    'Not a member of a mesh called "%s" (joined: %s).'
+                    % (slug, ", ".join(m.slug for m in self.meshes) or "none"))
+            return entry
+        if not self.meshes:
+            raise ConfigError(
+                "No meshes joined. Run 'claudemesh join <invite link>' or "
+                "'claudemesh new <name>' first.")
+        if len(self.meshes) > 1:
+            raise ConfigError(
+                "Several meshes joined (%s): pick one with --mesh <slug>."
+                % (", ".join(m.slug for m in self.meshes),))
+        return self.meshes[0]
+
+    def to_json(self):
+        obj = dict(self.extra)
+        obj["version"] = CONFIG_VERSION
+        obj["meshes"] = [m.to_json() for m in self.meshes]
+        return obj
+
+
+def ensure_dir(path):
+    """
+    Create C{path} (and parents) if needed and make it 0700.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def load(directory):
+    """
+    Read C{config.json} from C{directory}; an absent file is an empty config.
+
+    @raise ConfigError: unreadable, not JSON, or not our shape.
+    """
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return Config()
+    except OSError as e:
+        raise ConfigError("cannot read %s: %s" % (path, e.strerror or e)) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(
+            "%s is not valid JSON (%s); fix or move it away — it was left as it is."
+            % (path, e)) from None
+    if not isinstance(obj, dict) or "meshes" not in obj:
+        raise ConfigError(
+            "%s is not a claudemesh config (no 'meshes'); it was left as it is." % (path,))
+    version = obj.get("version")
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            "%s has version %r; this claudemesh reads version %d. It was left as it is."
+            % (path, version, CONFIG_VERSION))
+    if not isinstance(obj["meshes"], list):
+        raise ConfigError("%s: 'meshes' must be a list; it was left as it is." % (path,))
+    entries = [MeshEntry.from_json(item, path) for item in obj["meshes"]]
+    extra = {k: v for k, v in obj.items() if k not in ("version", "meshes")}
+    return Config(entries, extra)
+
+
+def _atomic_write(path, data: bytes):
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save(directory, config):
+    """
+    Write C{config} to C{directory}/config.json atomically, mode 0600.
+    """
+    ensure_dir(directory)
+    data = (json.dumps(config.to_json(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    _atomic_write(os.path.join(directory, CONFIG_FILE), data)
+
+
+# -- session keys -------------------------------------------------------------
+
+
+def _component(value, what):
+    if not _SAFE_COMPONENT.match(value) or value in (".", ".."):
+        raise ConfigError("%s %r cannot name a file" % (what, value))
+    return value
+
+
+def session_key(directory, slug, session_id):
+    """
+    The session key of (mesh, session id), made and stored (0600) on first
+    use, so a long-lived session that restarts can still open the direct
+    messages queued for its session key.
+    """
+    folder = os.path.join(directory, SESSIONS_DIR, _component(slug, "mesh slug"))
+    path = os.path.join(folder, _component(session_id, "session id") + ".json")
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+        identity = crypto.Identity.from_secret_hex(obj["secretKey"])
+        if identity.pubkey != obj.get("publicKey"):
+            raise ValueError("key mismatch")
+        return identity
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError("session key file %s is unreadable (%s); it was left as it is."
+                          % (path, e)) from None
+    ensure_dir(directory)
+    ensure_dir(os.path.join(directory, SESSIONS_DIR))
+    ensure_dir(folder)
+    identity = crypto.Identity.generate()
+    document = {"version": 1, "meshSlug": slug, "sessionId": session_id,
+                "publicKey": identity.pubkey, "secretKey": identity.secret_hex}
+    _atomic_write(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
+    return identity
