@@ -5,6 +5,7 @@ hold real ed25519 keys, for tests that drive the core without sockets.
 
 import json
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import task
 from zope.interface import implementer
 
@@ -126,7 +127,11 @@ class Peer:
         returns the reply (or the Refusal instance).
         """
         frame = protocol.decode(json.dumps(frame_dict))
-        method = getattr(self.fixture.broker, frame.TYPE)
+        from claudemesh.broker.ws import AFTER_HELLO
+
+        part, name = AFTER_HELLO[frame.TYPE]
+        broker = self.fixture.broker
+        method = getattr(broker if part == "broker" else broker.membership, name)
         from twisted.internet import defer
 
         results = []
@@ -183,6 +188,11 @@ class BrokerFixture:
         # Started so its clock-driven sweeps (status decay, leases) run.
         self.broker.startService()
         self._counter = 0
+        self._ports = 0
+
+    def _next_port(self):
+        self._ports += 1
+        return self._ports
 
     def now_ms(self):
         return int(self.clock.seconds() * 1000)
@@ -233,3 +243,176 @@ class BrokerFixture:
             cached.put_member(member)
         self.flush()
         return Peer(self, owner_peer.mesh, member, identity)
+
+
+# -- helpers shared by the newer test modules ---------------------------------
+
+
+def result_of(d):
+    """
+    The result of an already-fired L{Deferred} (the memory store answers at
+    once); raises the failure's exception.
+    """
+    results = []
+    d.addBoth(results.append)
+    if not results:
+        raise AssertionError("%r has not fired" % (d,))
+    result = results[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+def store_snapshot(store):
+    """
+    A deep copy of everything a L{MemoryStore} holds, comparable with C{==},
+    for asserting that an error path changed nothing stored.
+    """
+    import copy
+
+    names = ("_meshes", "_members", "_invites", "_sessions", "_messages", "_deliveries",
+             "_send_keys", "_audit", "_last_seq")
+    return {name: copy.deepcopy(getattr(store, name)) for name in names}
+
+
+def audit_rows(fixture, mesh_id):
+    """
+    Every audit entry of a mesh, oldest first, once the writes are flushed.
+    """
+    fixture.flush()
+    entries, _ = result_of(fixture.store.audit_entries(mesh_id, 10_000, 0))
+    return list(reversed(entries))
+
+
+class FailingEnqueueStore:
+    """
+    A L{MemoryStore} wrapper whose C{enqueue} fails while C{failing} is set,
+    as a database that went away would.
+    """
+
+    def __init__(self, store=None):
+        self._store = store if store is not None else MemoryStore()
+        self.failing = False
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def enqueue(self, messages, audit=()):
+        if self.failing:
+            from twisted.internet import defer
+
+            from claudemesh.store.interface import StoreUnavailable
+
+            return defer.fail(StoreUnavailable("the database is gone"))
+        return self._store.enqueue(messages, audit)
+
+
+class CollectingClientProtocol(WebSocketClientProtocol):
+    """
+    An Autobahn client that records every frame it receives (decoded) in
+    C{frames} and a L{DeferredQueue}, and how the connection closed.
+
+    @ivar opened: fires with the protocol when the WebSocket is open.
+    @ivar closed: fires with C{(wasClean, code, reason)} when it closed.
+    """
+
+    def __init__(self):
+        WebSocketClientProtocol.__init__(self)
+        from twisted.internet import defer
+
+        self.frames = []
+        self.queue = defer.DeferredQueue()
+        self.opened = defer.Deferred()
+        self.closed = defer.Deferred()
+        self.close_info = None
+
+    def onOpen(self):
+        self.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        frame = json.loads(payload.decode("utf-8"))
+        self.frames.append(frame)
+        self.queue.put(frame)
+
+    def onClose(self, wasClean, code, reason):
+        self.close_info = (wasClean, code, reason)
+        if not self.opened.called:
+            self.opened.callback(None)
+        self.closed.callback(self.close_info)
+
+    def send_frame(self, frame):
+        self.sendMessage(json.dumps(frame).encode("utf-8"), isBinary=False)
+
+    def of_type(self, type_name):
+        return [f for f in self.frames if f["type"] == type_name]
+
+
+def client_factory(url, reactor, max_message_bytes=0):
+    """
+    A client factory for L{CollectingClientProtocol}, configured like the
+    broker's so closes are seen as sent (no drop on a protocol failure).
+    """
+    factory = WebSocketClientFactory(url, reactor=reactor)
+    factory.protocol = CollectingClientProtocol
+    factory.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=max_message_bytes,
+                               maxFramePayloadSize=max_message_bytes)
+    factory.noisy = False
+    return factory
+
+
+class WireConnection:
+    """
+    A real L{BrokerServerProtocol} and a real Autobahn client joined by
+    in-memory transports (L{twisted.test.iosim}), pumped on the fixture's
+    clock: the WebSocket layer without sockets or the global reactor.
+    """
+
+    def __init__(self, fixture, server_factory):
+        from twisted.internet.address import IPv4Address
+        from twisted.test import iosim
+
+        self.fixture = fixture
+        server_address = IPv4Address("TCP", "127.0.0.1", 7777)
+        client_address = IPv4Address("TCP", "127.0.0.1", 40000 + fixture._next_port())
+        self.server = server_factory.buildProtocol(client_address)
+        factory = client_factory("ws://127.0.0.1:7777/ws", fixture.clock)
+        self.client = factory.buildProtocol(server_address)
+        self._pump = iosim.connect(
+            self.server, iosim.FakeTransport(self.server, True, server_address, client_address),
+            self.client, iosim.FakeTransport(self.client, False, client_address, server_address),
+            clock=fixture.clock)
+        if not hasattr(fixture, "wires"):
+            fixture.wires = []
+        fixture.wires.append(self)
+        self.pump()
+
+    def pump(self):
+        """
+        Move bytes both ways on every wire of the fixture and run what is
+        due on the clock, until quiet.
+        """
+        for _ in range(100):
+            for wire in self.fixture.wires:
+                wire._pump.flush()
+            self.fixture.flush()
+            if not any([wire._pump.flush() for wire in self.fixture.wires]):
+                break
+
+    @property
+    def frames(self):
+        return self.client.frames
+
+    def send(self, frame):
+        self.client.send_frame(frame)
+        self.pump()
+
+    def send_raw(self, payload, binary=False):
+        self.client.sendMessage(payload, isBinary=binary)
+        self.pump()
+
+    def last(self):
+        return self.client.frames[-1]
+
+    def close(self, code=1000):
+        self.client.sendClose(code)
+        self.pump()

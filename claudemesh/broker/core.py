@@ -583,6 +583,7 @@ class Broker(service.Service):
     # -- peers, status, summary, groups ----------------------------------------
 
     def list_peers(self, session, frame):
+        self.touch(session)
         peers = []
         sessions = sorted(session.mesh.sessions.values(), key=lambda s: s.connected_at)
         for s in sessions:
