@@ -77,7 +77,7 @@ class _JSONPost(resource.Resource):
             request.finish()
 
         def failed(f):
-            self._log.failure("{path} failed", f, path=request.path)
+            self._log.failure("{route} failed", f, route=type(self).__name__)
             request.write(json_response(request, 503, {"error": "unavailable"}))
             request.finish()
 
@@ -101,7 +101,8 @@ class MeshCreationResource(_JSONPost):
 
     def answer(self, request, document):
         if self._token is not None:
-            authorization = request.getHeader(b"authorization") or ""
+            authorization = (request.getHeader(b"authorization") or b"").decode(
+                "latin-1")
             if not token_matches(self._token, authorization):
                 raise Refusal("unauthorized", "a valid admin token is required")
         elif any(request.getHeader(h) is not None for h in FORWARDING_HEADERS):
