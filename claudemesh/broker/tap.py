@@ -37,6 +37,7 @@ from twisted.python import usage
 from claudemesh import __version__
 from claudemesh.broker.core import Broker
 from claudemesh.broker.metrics import BrokerMetrics
+from claudemesh.broker.retention import RETENTION_INTERVAL_SECONDS, RetentionSweep
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import (
     StoreHealth,
@@ -609,6 +610,20 @@ def makeService(config, reactor=None):
     probe.clock = reactor
     probe.setName("store-probe")
     probe.setServiceParent(top)
+
+    retention = RetentionSweep(store, reactor, settings.retention_days, broker.metrics)
+
+    def sweep_retention():
+        # Nothing to sweep before the store is open (the first tick comes at
+        # start-up, while it may still be opening).
+        if health.opened:
+            return retention.run()
+        return None
+
+    sweeper = TimerService(RETENTION_INTERVAL_SECONDS, timer_step("retention", sweep_retention))
+    sweeper.clock = reactor
+    sweeper.setName("retention")
+    sweeper.setServiceParent(top)
 
     _log_startup(config, describe_store(config["database-url"], config["data-dir"]))
     return top

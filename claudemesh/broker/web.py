@@ -100,6 +100,13 @@ class StoreHealth:
         self.up = False
         self.checked_at = None
 
+    @property
+    def opened(self):
+        """
+        Whether the store finished opening.
+        """
+        return self._opened
+
     def store_opened(self):
         """
         The store finished opening: ping it now (rather than at the next
