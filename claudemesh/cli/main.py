@@ -1,19 +1,26 @@
 """
-The C{claudemesh} console script.
+The C{claudemesh} console script: argument parsing, exit codes, and running
+a command on the reactor (L{twisted.internet.task.react}; the global reactor
+is imported here, in the entry point, and nowhere else).
 
-Only C{--version} and C{--help} exist so far; the commands (join, new, send,
-launch, the MCP server...) arrive with the client issue.
-
-Exit codes: 0 success, 3 bad arguments.
+Exit codes: 0 ok, 1 failure, 2 auth, 3 bad arguments, 4 network, 5 not
+found, 7 permission denied, 8 internal.
 """
 
 import argparse
+import os
 import sys
 
 from claudemesh import __version__
 
 EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_AUTH = 2
 EXIT_BAD_ARGUMENTS = 3
+EXIT_NETWORK = 4
+EXIT_NOT_FOUND = 5
+EXIT_PERMISSION = 7
+EXIT_INTERNAL = 8
 
 
 class _BadArguments(Exception):
@@ -32,7 +39,36 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _BadArguments(message)
 
 
+# name, one-line help, whether it connects to a broker (runs on the reactor)
+COMMANDS = [
+    ("new", "create a mesh on a broker and become its owner", True),
+    ("invite", "make an invite link (and a QR code in a terminal)", True),
+    ("invites", "list this mesh's invites, or revoke one with --revoke ID", True),
+    ("join", "join a mesh with an invite link", True),
+    ("list", "list the meshes joined on this machine", False),
+    ("leave", "leave a mesh (on the broker and in the local config)", True),
+    ("whoami", "show your identity on each joined mesh", False),
+    ("role", "make a member an admin or a member (owner only)", True),
+    ("peers", "list the sessions connected to the mesh", True),
+    ("send", "send an end-to-end-encrypted message", True),
+    ("inbox", "wait briefly and print the messages waiting for you", True),
+    ("listen", "print messages as they arrive, until Ctrl-C", True),
+    ("status", "set your status: idle, working or dnd", True),
+    ("summary", "set the one-line summary others see in 'peers'", True),
+    ("audit", "show (or --verify) the mesh's audit log (admins)", True),
+    ("disconnect", "reset peers' connections; they reconnect by themselves", True),
+    ("kick", "end peers' sessions; they can rejoin by running claudemesh", True),
+    ("ban", "remove a member's access to the mesh", True),
+    ("unban", "restore a banned member's access", True),
+    ("bans", "list banned members", True),
+]
+
+
 def _make_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--mesh", metavar="SLUG",
+                        help="the mesh to act on (implied when only one is joined)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser = _ArgumentParser(
         prog="claudemesh",
         description=(
@@ -40,15 +76,111 @@ def _make_parser():
             "end-to-end encrypted."
         ),
         epilog=(
-            "This release contains the broker (twistd claudemesh-broker); the client "
-            "commands arrive in a later release."
+            "Exit codes: 0 ok, 1 failure, 2 auth, 3 bad arguments, 4 network, "
+            "5 not found, 7 permission denied, 8 internal. The broker itself runs as "
+            "'twistd -n claudemesh-broker'."
         ),
     )
     parser.add_argument(
         "--version", action="version", version=f"claudemesh {__version__}"
     )
-    parser.add_argument("command", nargs="?", help="(none yet)")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_ArgumentParser)
+    parsers = {}
+    for name, help_text, _ in COMMANDS:
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text,
+                                       parents=[common])
+    p = parsers["new"]
+    p.add_argument("mesh_name", metavar="mesh-name")
+    p.add_argument("--name", help="your display name on the mesh (default: $USER)")
+    p.add_argument("--broker", metavar="URL",
+                   help="the broker's WebSocket URL, ws://host:port/ws "
+                        "(default: $CLAUDEMESH_BROKER_URL or ws://localhost:7900/ws)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="file holding the broker's admin token (or $CLAUDEMESH_ADMIN_TOKEN)")
+    p = parsers["invite"]
+    p.add_argument("--role", choices=("member", "admin"), default="member")
+    p.add_argument("--uses", type=_positive_int, default=1, metavar="N",
+                   help="how many people may join with it (default 1)")
+    p.add_argument("--expires", type=_duration, default=7 * 86400, metavar="DURATION",
+                   help="validity, like 30m, 12h, 7d (default 7d)")
+    parsers["invites"].add_argument("--revoke", metavar="ID", help="revoke this invite")
+    p = parsers["join"]
+    p.add_argument("link", help="claudemesh://join/<token>#<key>")
+    p.add_argument("--name", help="your display name on the mesh (default: $USER)")
+    parsers["leave"].add_argument("mesh_slug", nargs="?", metavar="mesh",
+                                  help="the mesh to leave")
+    p = parsers["role"]
+    p.add_argument("peer")
+    p.add_argument("role", choices=("admin", "member", "owner"))
+    p = parsers["send"]
+    p.add_argument("to", help="display name, key prefix (8+ hex), '*' or @group")
+    p.add_argument("message", nargs="+")
+    p.add_argument("--priority", choices=("now", "next", "low"), default="next")
+    parsers["inbox"].add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                                  help="how long to wait for messages (default 2)")
+    p = parsers["status"]
+    p.add_argument("status", choices=("idle", "working", "dnd"))
+    p.add_argument("--session", metavar="ID", help="only this session of yours")
+    p = parsers["summary"]
+    p.add_argument("text", nargs="+")
+    p.add_argument("--session", metavar="ID", help="only this session of yours")
+    p = parsers["audit"]
+    p.add_argument("--verify", action="store_true", help="check the hash chain")
+    p.add_argument("--limit", type=_positive_int, default=50, metavar="N")
+    for verb in ("disconnect", "kick"):
+        p = parsers[verb]
+        p.add_argument("peer", nargs="?", help="display name or key prefix (8+ hex)")
+        p.add_argument("--stale", type=_duration, metavar="DURATION",
+                       help="every session silent for this long, like 30m")
+        p.add_argument("--all", action="store_true", help="every session but yours")
+    for verb in ("ban", "unban"):
+        parsers[verb].add_argument("peer", help="display name or key prefix (8+ hex)")
     return parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % (text,)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text):
+    """
+    C{90}, C{90s}, C{30m}, C{12h}, C{7d}, C{2w} → seconds.
+    """
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        value = int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r is not a duration like 90s, 30m, 12h or 7d" % (text,)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value * (unit or 1)
+
+
+def _check(arguments):
+    """
+    Argument rules argparse cannot say.
+    """
+    command = arguments.command
+    if command in ("disconnect", "kick"):
+        chosen = [arguments.peer is not None, arguments.stale is not None, arguments.all]
+        if sum(chosen) != 1:
+            raise _BadArguments("%s takes exactly one of <peer>, --stale DURATION, --all"
+                                % (command,))
+    if command == "leave" and arguments.mesh_slug and arguments.mesh \
+            and arguments.mesh_slug != arguments.mesh:
+        raise _BadArguments("leave: the mesh is given twice, differently")
 
 
 def main(argv=None):
@@ -62,6 +194,7 @@ def main(argv=None):
     parser = _make_parser()
     try:
         arguments = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        _check(arguments)
     except _BadArguments as e:
         parser.print_usage(sys.stderr)
         print(f"claudemesh: error: {e}", file=sys.stderr)
@@ -70,14 +203,20 @@ def main(argv=None):
         # --help and --version print and "exit"; report it as a return code
         # so callers (and tests) need not catch SystemExit.
         return EXIT_OK if e.code is None else e.code
-    if arguments.command is not None:
-        print(
-            f"claudemesh: unknown command {arguments.command!r}: the client commands "
-            "arrive in a later release",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_ARGUMENTS
-    parser.print_help()
+    if arguments.command is None:
+        parser.print_help()
+        return EXIT_OK
+    from claudemesh.cli import commands
+
+    connects = {name: network for name, _, network in COMMANDS}[arguments.command]
+    if not connects:
+        return commands.run_local(arguments, os.environ)
+    from twisted.internet import task
+
+    try:
+        task.react(commands.run_networked, (arguments, os.environ))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_INTERNAL
     return EXIT_OK
 
 

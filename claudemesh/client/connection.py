@@ -1,0 +1,703 @@
+"""
+The reconnecting WebSocket client of one mesh (DESIGN sections 4.2-4.4).
+
+L{MeshClient} says hello (signed by the member key, with a session key proof
+when it has a session key), keeps requests correlated by C{_reqId} and sends
+by C{id}, queues a bounded number of frames while it is disconnected,
+reconnects with full-jitter backoff (caps 1, 2, 4, 8, 16, 30 s), opens and
+de-duplicates pushes, C{client_ack}s each push once the application has it,
+and follows the close-code table of DESIGN section 4.4 (L{close_action}).
+
+The reactor is a parameter; nothing here imports the global one.
+"""
+
+import collections
+import itertools
+import json
+import os
+import random as _random
+import urllib.parse
+import uuid
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from claudemesh import crypto
+from claudemesh.client import messages
+
+BACKOFF_CAPS = (1, 2, 4, 8, 16, 30)
+HELLO_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0
+MAX_QUEUE = 256
+MAX_INBOUND_BYTES = 16 * 1024 * 1024
+SEEN_LIMIT = 10_000
+
+KICKED_MESSAGE = "Kicked from this mesh. Run claudemesh to rejoin."
+
+RECONNECT = "reconnect"
+STOP = "stop"
+TERMINAL = "terminal"
+
+# 1008 reasons that will not get better by retrying (DESIGN 4.4); the others
+# (capacity, timestamp_skew, flood) are temporary.
+TERMINAL_POLICY_REASONS = frozenset(
+    ["unauthorized", "bad_signature", "bad_session_pubkey", "malformed"])
+
+
+def backoff_delay(attempt, random=_random.random):
+    """
+    The wait before reconnect attempt C{attempt} (0 for the first after a
+    working connection): full jitter, uniform in [0, cap), caps 1, 2, 4, 8,
+    16 and then 30 s.
+    """
+    cap = BACKOFF_CAPS[min(max(attempt, 0), len(BACKOFF_CAPS) - 1)]
+    return random() * cap
+
+
+def close_action(code, reason):
+    """
+    What the client does after the broker closed with C{(code, reason)}:
+    L{RECONNECT}, L{STOP} (C{session_replaced}) or L{TERMINAL}.
+    """
+    if code == 1000 and reason == "session_replaced":
+        return STOP
+    if code in (4001, 4002):
+        return TERMINAL
+    if code == 1008 and reason in TERMINAL_POLICY_REASONS:
+        return TERMINAL
+    return RECONNECT
+
+
+def revoked_message(mesh_name):
+    return 'You\'ve been removed from "%s". Contact the mesh owner to rejoin.' % (mesh_name,)
+
+
+def terminal_message(code, reason, mesh_name, revoked=None, error=None):
+    """
+    The text a user sees when the broker ended the session for good.
+
+    @param revoked: the message of an C{error revoked} received before the
+        close; it wins over anything the close says.
+    @param error: the last C{error} frame's message (a refused hello).
+    """
+    if code == 4001:
+        return KICKED_MESSAGE
+    if code == 4002 or revoked is not None:
+        return revoked or revoked_message(mesh_name)
+    detail = error or reason or "refused"
+    return "The broker refused this client (%s): %s" % (reason or code, detail)
+
+
+class ClientError(Exception):
+    """
+    Base of the client's failures; C{message} is for the user.
+    """
+
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+
+class TerminalClose(ClientError):
+    """
+    The broker ended the session and the client must not reconnect
+    (DESIGN 4.4: 4001, 4002, terminal 1008).
+    """
+
+    def __init__(self, code, reason, message):
+        ClientError.__init__(self, message)
+        self.code = code
+        self.reason = reason
+
+
+class SessionReplaced(ClientError):
+    """
+    Another process said hello for this session; this one stopped.
+    """
+
+    def __init__(self):
+        ClientError.__init__(self, "Another process took over this session.")
+
+
+class Unreachable(ClientError):
+    """
+    The broker could not be reached within the allowed attempts.
+    """
+
+
+class Stopped(ClientError):
+    """
+    The client was stopped before the request could be answered.
+    """
+
+
+class QueueFull(ClientError):
+    """
+    Too many frames wait for the connection.
+    """
+
+
+class RequestError(ClientError):
+    """
+    The broker refused a request: its C{error {code, message}}.
+    """
+
+    def __init__(self, code, message, frame=None):
+        ClientError.__init__(self, message)
+        self.code = code
+        self.frame = frame or {}
+
+
+class _Protocol(WebSocketClientProtocol):
+    def onOpen(self):
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload, isBinary):
+        if not isBinary:
+            self.factory.client._received(self, payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.client._closed(self, wasClean, code, reason)
+
+    def send_frame(self, frame):
+        self.sendMessage(json.dumps(frame, separators=(",", ":")).encode("utf-8"),
+                         isBinary=False)
+
+
+def make_factory(url, reactor, max_bytes=MAX_INBOUND_BYTES, open_timeout=CONNECT_TIMEOUT):
+    """
+    The Autobahn client factory: closes seen as sent (C{failByDrop=False}),
+    a payload limit, and keepalive pings.
+    """
+    factory = WebSocketClientFactory(url, reactor=reactor)
+    factory.protocol = _Protocol
+    factory.noisy = False
+    factory.setProtocolOptions(
+        failByDrop=False, maxMessagePayloadSize=max_bytes, maxFramePayloadSize=max_bytes,
+        openHandshakeTimeout=open_timeout, closeHandshakeTimeout=2,
+        autoPingInterval=30, autoPingTimeout=45)
+    return factory
+
+
+def default_endpoint(reactor, url, timeout):
+    """
+    A client endpoint for C{ws://} or C{wss://} URL C{url}.
+    """
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    host = parts.hostname
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if secure:
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return endpoint
+
+
+class MeshClient:
+    """
+    One session on one mesh, reconnecting until stopped or ended by the
+    broker.
+
+    @ivar hello_ack: the last C{hello_ack}.
+    @ivar session_identity: the session key, or C{None}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, mesh, session_id, session_identity=None, receive=True,
+                 display_name=None, pid=None, cwd=None, hello_extra=None,
+                 on_message=None, on_event=None, on_terminal_close=None, on_connect=None,
+                 max_queue=MAX_QUEUE, hello_timeout=HELLO_TIMEOUT,
+                 connect_timeout=CONNECT_TIMEOUT, max_attempts=None,
+                 random=_random.random, endpoint_factory=default_endpoint):
+        """
+        @param mesh: the L{claudemesh.client.config.MeshEntry}.
+        @param on_message: called with each new L{messages.Inbound}; the push
+            is acknowledged once it returns (or its L{Deferred} fires).
+        @param on_event: called with each system push (C{peer_joined}, ...).
+        @param on_terminal_close: called with C{(code, reason, message)}
+            when the broker ends the session for good.
+        @param on_connect: called with each C{hello_ack} (first connection
+            and every reconnection).
+        @param max_attempts: give up (L{Unreachable}) after this many
+            consecutive failed connection attempts; C{None} retries forever.
+        """
+        self._reactor = reactor
+        self.mesh = mesh
+        self.identity = mesh.identity
+        self.session_id = session_id
+        self.session_identity = session_identity
+        self.receive = receive
+        self.display_name = display_name
+        self.pid = os.getpid() if pid is None else pid
+        self.cwd = os.getcwd() if cwd is None else cwd
+        self.hello_extra = dict(hello_extra or {})
+        self.on_message = on_message
+        self.on_event = on_event
+        self.on_terminal_close = on_terminal_close
+        self.on_connect = on_connect
+        self.max_queue = max_queue
+        self.hello_timeout = hello_timeout
+        self.connect_timeout = connect_timeout
+        self.max_attempts = max_attempts
+        self._random = random
+        self._endpoint_factory = endpoint_factory
+        self._mesh_key = mesh.mesh_key
+
+        self.hello_ack = None
+        self.connected = False
+        self.revoked = None
+        self.outcome = None
+        self._proto = None  # the connection that finished its hello
+        self._candidate = None  # a connection saying hello
+        self._connecting = None  # the endpoint's connect Deferred
+        self._connect_call = None
+        self._hello_timer = None
+        self._hello_error = None
+        self._last_failure = None
+        self._attempt = 0
+        self._started = False
+        self._stopping = False
+        self._finished = False
+        self._req_ids = itertools.count(1)
+        # _reqId or send id -> [frame, Deferred, timeout call, written?]
+        self._pending = collections.OrderedDict()
+        self._queue = collections.deque()  # fire-and-forget frames
+        self._seen = collections.OrderedDict()
+        self._ready_waiters = []
+        self._done_waiters = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def sender_identity(self):
+        """
+        The key this client encrypts with and others reply to.
+        """
+        return self.session_identity or self.identity
+
+    @property
+    def pubkey(self):
+        return self.sender_identity.pubkey
+
+    def start(self):
+        """
+        Connect. Returns L{when_ready}.
+        """
+        if not self._started:
+            self._started = True
+            self._connect()
+        return self.when_ready()
+
+    def when_ready(self):
+        """
+        A L{Deferred} firing with the C{hello_ack} once connected, or failing
+        with the outcome if the client stops first.
+        """
+        if self.connected:
+            return defer.succeed(self.hello_ack)
+        if self._finished:
+            return self._outcome_result()
+        d = defer.Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def when_done(self):
+        """
+        A L{Deferred} firing with C{None} after L{stop}, or failing with
+        L{TerminalClose}, L{SessionReplaced} or L{Unreachable}.
+        """
+        if self._finished:
+            return self._outcome_result()
+        d = defer.Deferred()
+        self._done_waiters.append(d)
+        return d
+
+    def _outcome_result(self):
+        if self.outcome is None:
+            return defer.succeed(None)
+        return defer.fail(self.outcome)
+
+    def stop(self):
+        """
+        Close the connection cleanly and stop reconnecting.
+        """
+        if self._finished:
+            return self._outcome_result()
+        done = self.when_done()
+        self._stopping = True
+        if self._connect_call is not None and self._connect_call.active():
+            self._connect_call.cancel()
+        self._connect_call = None
+        proto = self._proto or self._candidate
+        if proto is not None:
+            proto.sendClose(1000)
+        elif self._connecting is not None:
+            self._connecting.cancel()
+        else:
+            self._finish(None)
+        return done
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(self, frame, timeout=None):
+        """
+        Send a request; the L{Deferred} fires with the reply frame (matched by
+        C{_reqId}) or fails with L{RequestError}.
+        """
+        frame = dict(frame)
+        req_id = "r%d" % (next(self._req_ids),)
+        frame["_reqId"] = req_id
+        return self._submit(req_id, frame, timeout)
+
+    def send(self, target_spec, nonce, ciphertext, priority="next", send_id=None,
+             timeout=None):
+        """
+        Send an encrypted message; fires with the C{ack} frame (check its
+        C{queued}). The C{id} stays the same across reconnects, so a retried
+        send is stored once.
+        """
+        send_id = send_id or str(uuid.uuid4())
+        frame = {"type": "send", "targetSpec": target_spec, "priority": priority,
+                 "nonce": nonce, "ciphertext": ciphertext, "id": send_id}
+        return self._submit("send:" + send_id, frame, timeout)
+
+    def send_text(self, target_spec, text, priority="next", send_id=None, timeout=None):
+        """
+        Encrypt C{text} for C{target_spec} and L{send} it.
+        """
+        nonce, ciphertext = messages.seal(
+            target_spec, text.encode("utf-8"), self.sender_identity, self._mesh_key)
+        return self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
+
+    def fire(self, frame):
+        """
+        Send a frame that has no reply (C{set_status}, C{set_summary},
+        C{join_group}, ...); queued while disconnected.
+        """
+        if self._finished:
+            raise Stopped("the client is stopped")
+        if self.connected:
+            self._proto.send_frame(frame)
+            return
+        if len(self._queue) + len(self._pending) >= self.max_queue:
+            raise QueueFull("too many frames wait for the broker")
+        self._queue.append(frame)
+
+    def fire_checked(self, frame, timeout=None):
+        """
+        Send a frame that has no reply on success (C{set_status},
+        C{set_summary}, ...) and learn whether it was refused: it carries a
+        C{_reqId} (a refusal echoes it) and is followed by a C{list_peers};
+        the broker handles frames in order, so a refusal of the first arrives
+        before the answer to the second. Fires with C{None} or fails with
+        L{RequestError}.
+        """
+        frame = dict(frame)
+        req_id = "r%d" % (next(self._req_ids),)
+        frame["_reqId"] = req_id
+        errors = []
+        self._submit(req_id, frame, None).addErrback(errors.append)
+        probe = self.request({"type": "list_peers"}, timeout)
+
+        def answered(_):
+            self._resolve(req_id, None)
+            if errors:
+                errors[0].raiseException()
+
+        def probe_failed(f):
+            self._resolve(req_id, None)
+            return f
+
+        return probe.addCallbacks(answered, probe_failed)
+
+    def _submit(self, key, frame, timeout):
+        if self._finished:
+            return self._outcome_result() if self.outcome else defer.fail(
+                Stopped("the client is stopped"))
+        if not self.connected and len(self._queue) + len(self._pending) >= self.max_queue:
+            return defer.fail(QueueFull("too many frames wait for the broker"))
+        d = defer.Deferred()
+        call = None
+        if timeout is not None:
+            call = self._reactor.callLater(timeout, self._timed_out, key)
+        entry = [frame, d, call, False]
+        self._pending[key] = entry
+        if self.connected:
+            self._write(entry)
+        return d
+
+    def _write(self, entry):
+        entry[3] = True
+        self._proto.send_frame(entry[0])
+
+    def _timed_out(self, key):
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            entry[2] = None
+            entry[1].errback(RequestError(
+                "timeout", "the broker did not answer in time", entry[0]))
+
+    def _resolve(self, key, result=None, failure=None):
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return False
+        if entry[2] is not None and entry[2].active():
+            entry[2].cancel()
+        if failure is not None:
+            entry[1].errback(failure)
+        else:
+            entry[1].callback(result)
+        return True
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self):
+        self._connect_call = None
+        self._hello_error = None
+        factory = make_factory(self.mesh.brokerUrl, self._reactor,
+                               open_timeout=self.connect_timeout)
+        factory.client = self
+        try:
+            endpoint = self._endpoint_factory(self._reactor, self.mesh.brokerUrl,
+                                              self.connect_timeout)
+            d = endpoint.connect(factory)
+        except Exception as e:
+            d = defer.fail(e)
+        self._connecting = d
+        d.addCallbacks(self._tcp_connected, self._connect_failed)
+
+    def _tcp_connected(self, proto):
+        self._connecting = None
+        self._candidate = proto
+
+    def _connect_failed(self, failure):
+        self._connecting = None
+        if self._stopping:
+            self._finish(None)
+            return
+        self._last_failure = failure.getErrorMessage() or failure.type.__name__
+        self._retry()
+
+    def _opened(self, proto):
+        if self._stopping:
+            proto.sendClose(1000)
+            return
+        self._candidate = proto
+        now = int(self._reactor.seconds() * 1000)
+        mesh = self.mesh
+        hello = {
+            "type": "hello",
+            "meshId": mesh.meshId,
+            "memberId": mesh.memberId,
+            "pubkey": self.identity.pubkey,
+            "timestamp": now,
+            "signature": self.identity.sign(
+                crypto.hello_string(mesh.meshId, mesh.memberId, self.identity.pubkey, now)),
+            "sessionId": self.session_id,
+            "pid": self.pid,
+            "cwd": self.cwd[:4096],
+            "receive": self.receive,
+            "_reqId": "hello",
+        }
+        if self.display_name:
+            hello["displayName"] = self.display_name
+        if self.session_identity is not None:
+            key = self.session_identity.pubkey
+            hello["sessionPubkey"] = key
+            hello["sessionSignature"] = self.identity.sign(
+                crypto.session_proof_string(mesh.meshId, self.identity.pubkey, key))
+        hello.update(self.hello_extra)
+        proto.send_frame(hello)
+        self._hello_timer = self._reactor.callLater(
+            self.hello_timeout, self._hello_timed_out, proto)
+
+    def _hello_timed_out(self, proto):
+        self._hello_timer = None
+        self._last_failure = "no hello_ack within %g s" % (self.hello_timeout,)
+        proto.dropConnection(abort=True)
+
+    def _hello_done(self, proto, ack):
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        self._proto, self._candidate = proto, None
+        self.hello_ack = ack
+        self.connected = True
+        self._attempt = 0
+        self._last_failure = None
+        # Requests written on a connection that dropped: a send is retried
+        # with its id (stored once); anything else already failed.
+        for entry in list(self._pending.values()):
+            if self._proto is not proto:
+                return
+            self._write(entry)
+        while self._queue and self._proto is proto:
+            proto.send_frame(self._queue.popleft())
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(ack)
+        if self.on_connect is not None:
+            try:
+                self.on_connect(ack)
+            except Exception:
+                self._log.failure("on_connect failed")
+
+    def _closed(self, proto, was_clean, code, reason):
+        if proto is not self._proto and proto is not self._candidate:
+            return
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        self._proto = self._candidate = None
+        self.connected = False
+        code = 1006 if code is None else code
+        for key, entry in list(self._pending.items()):
+            if entry[3] and entry[0].get("type") != "send":
+                self._resolve(key, failure=RequestError(
+                    "connection_lost", "the connection to the broker was lost", entry[0]))
+            else:
+                entry[3] = False
+        if self._stopping:
+            self._finish(None)
+            return
+        action = close_action(code, reason)
+        if action == STOP:
+            self._finish(SessionReplaced())
+        elif action == TERMINAL:
+            error = self._hello_error.get("message") if self._hello_error else None
+            message = terminal_message(code, reason, self.mesh.name, self.revoked, error)
+            if self.on_terminal_close is not None:
+                try:
+                    self.on_terminal_close(code, reason, message)
+                except Exception:
+                    self._log.failure("on_terminal_close failed")
+            self._finish(TerminalClose(code, reason, message))
+        else:
+            self._last_failure = "closed %s%s" % (code, " " + reason if reason else "")
+            self._retry()
+
+    def _retry(self):
+        self._attempt += 1
+        if self.max_attempts is not None and self._attempt >= self.max_attempts:
+            self._finish(Unreachable(
+                "Cannot reach the broker at %s (%s)."
+                % (self.mesh.brokerUrl, self._last_failure or "no answer")))
+            return
+        delay = backoff_delay(self._attempt - 1, self._random)
+        self._connect_call = self._reactor.callLater(delay, self._connect)
+
+    def _finish(self, outcome):
+        if self._finished:
+            return
+        self._finished = True
+        self.outcome = outcome
+        self.connected = False
+        if self._connect_call is not None and self._connect_call.active():
+            self._connect_call.cancel()
+        self._connect_call = None
+        failure = outcome or Stopped("the client is stopped")
+        for key in list(self._pending):
+            self._resolve(key, failure=failure)
+        self._queue.clear()
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(failure)
+        waiters, self._done_waiters = self._done_waiters, []
+        for d in waiters:
+            if outcome is None:
+                d.callback(None)
+            else:
+                d.errback(outcome)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def _received(self, proto, payload):
+        try:
+            frame = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            self._log.warn("the broker sent a frame that is not JSON")
+            return
+        if not isinstance(frame, dict):
+            return
+        kind = frame.get("type")
+        if proto is not self._proto:
+            # Saying hello: only hello_ack and error matter.
+            if kind == "hello_ack" and proto is self._candidate:
+                self._hello_done(proto, frame)
+            elif kind == "error":
+                self._hello_error = frame
+                if frame.get("code") == "revoked":
+                    self.revoked = frame.get("message") or revoked_message(self.mesh.name)
+            return
+        if kind == "push":
+            self._push(frame)
+        elif kind == "ack":
+            self._resolve("send:%s" % (frame.get("id"),), frame)
+        elif kind == "error":
+            self._error(frame)
+        else:
+            req_id = frame.get("_reqId")
+            if not (isinstance(req_id, str) and self._resolve(req_id, frame)):
+                self._log.debug("unexpected {type} frame", type=kind)
+
+    def _error(self, frame):
+        code = frame.get("code") or "error"
+        message = frame.get("message") or code
+        if code == "revoked":
+            # Kept: the close that follows (4002 banned) must not replace it.
+            if self.revoked is None:
+                self.revoked = message
+        failure = RequestError(code, message, frame)
+        req_id = frame.get("_reqId")
+        if isinstance(req_id, str) and self._resolve(req_id, failure=failure):
+            return
+        send_id = frame.get("id")
+        if isinstance(send_id, str) and self._resolve("send:" + send_id, failure=failure):
+            return
+        if code != "revoked":
+            self._log.warn("the broker reported {code}: {message}", code=code,
+                           message=message)
+
+    def _push(self, frame):
+        if frame.get("subtype") == "system":
+            if self.on_event is not None:
+                try:
+                    self.on_event(frame)
+                except Exception:
+                    self._log.failure("on_event failed")
+            return
+        message_id = frame.get("messageId")
+        if not isinstance(message_id, str) or not message_id:
+            return
+        if message_id in self._seen:
+            # A redelivery of something the application already has.
+            self._ack(message_id)
+            return
+        inbound = messages.open_push(frame, self.identity, self.session_identity,
+                                     self._mesh_key)
+        if self.on_message is None:
+            return
+        self._seen[message_id] = True
+        while len(self._seen) > SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        d = defer.maybeDeferred(self.on_message, inbound)
+
+        def handed(_):
+            self._ack(message_id)
+
+        def failed(f):
+            # Not acknowledged: the broker pushes it again after the lease.
+            self._seen.pop(message_id, None)
+            self._log.failure("on_message failed", f)
+
+        d.addCallbacks(handed, failed)
+
+    def _ack(self, message_id):
+        if self.connected:
+            self._proto.send_frame({"type": "client_ack", "messageId": message_id})
