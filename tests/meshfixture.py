@@ -307,6 +307,30 @@ class FailingEnqueueStore:
         return self._store.enqueue(messages, audit)
 
 
+class HeldClaimsStore:
+    """
+    A L{MemoryStore} wrapper whose C{claim_deliveries} answers only when the
+    test says so (C{hold} set), as a database round trip in flight would.
+    """
+
+    def __init__(self, store=None):
+        self._store = store if store is not None else MemoryStore()
+        self.hold = False
+        self.held = []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def claim_deliveries(self, *args):
+        if not self.hold:
+            return self._store.claim_deliveries(*args)
+        from twisted.internet import defer
+
+        d = defer.Deferred()
+        self.held.append((d, args))
+        return d
+
+
 class CollectingClientProtocol(WebSocketClientProtocol):
     """
     An Autobahn client that records every frame it receives (decoded) in

@@ -433,7 +433,9 @@ class Broker(service.Service):
             if old is not None:
                 # Same (mesh, member, session id): another process took over.
                 existing.connection = None
-                self.writes.release_leases(existing.presence_id)
+                # What the old connection held goes to the new one (or a
+                # sibling) once the release is stored.
+                self._release_and_drain(existing)
                 existing.inflight.clear()
                 old.close(protocol.CLOSE_NORMAL, protocol.REASON_SESSION_REPLACED)
                 if self.metrics is not None:
@@ -506,10 +508,20 @@ class Broker(service.Service):
             return
         # Grace: leases go back at once so a sibling session can take member
         # deliveries; presence stays until the window ends.
-        self.writes.release_leases(session.presence_id)
         session.grace_call = self.clock.callLater(
             self.settings.grace_seconds, self._grace_over, session)
-        self._drain_member(session.mesh, session.member.id)
+        self._release_and_drain(session)
+
+    def _release_and_drain(self, session):
+        """
+        Give back the leases of C{session}, then, once that is stored (a
+        claim made earlier would not see them), offer its member's
+        deliveries to the member's live sessions.
+        """
+        mesh, member_id = session.mesh, session.member.id
+        d = self.writes.release_leases(session.presence_id)
+        d.addCallback(lambda _: self._drain_member(mesh, member_id))
+        return d
 
     def _grace_over(self, session):
         session.grace_call = None
@@ -531,7 +543,7 @@ class Broker(service.Service):
                 mesh.departed.pop(next(iter(mesh.departed)))
             self._broadcast_system(session, "peer_left", self._peer_event_data(session))
             self.writes.audit(AuditEvent(mesh.id, "peer_left", session.member.id, {}, now))
-        self._drain_member(mesh, session.member.id)
+        self._release_and_drain(session)
 
     def end_connection(self, session, code, reason, ending):
         """
@@ -775,10 +787,11 @@ class Broker(service.Service):
 
         def leased(member_id, session_pubkey=None, group=None):
             taker = self._taker(mesh, sender, member_id, session_pubkey, group, priority)
+            now_taken = isinstance(taker, Session)
             delivery = NewDelivery(
                 member_id=member_id, session_pubkey=session_pubkey, group_name=group,
-                lease_session=taker.presence_id if taker else None,
-                lease_until=lease_until if taker else None)
+                lease_session=taker.presence_id if now_taken else None,
+                lease_until=lease_until if now_taken else None)
             result.append((delivery, taker))
 
         if target in ("*", "@all") or target.startswith("@"):
@@ -810,7 +823,9 @@ class Broker(service.Service):
         The live session that takes a new delivery right away, or C{None} to
         leave it queued: the most recently active session of the recipient
         that may receive this priority and has no claim running (which would
-        put this message before older ones).
+        put this message before older ones). When one has a claim running,
+        C{_CLAIM_AFTER_COMMIT}: the delivery stays queued and is claimed
+        once the message is committed.
         """
         best = None
         for s in mesh.sessions.values():
@@ -821,8 +836,9 @@ class Broker(service.Service):
             if group is not None and not any(group_matches(g, group) for g in s.groups):
                 continue
             if s.draining:
-                s.drain_again = True
-                return None
+                # A claim is running; it may have read the store before this
+                # message is in it. Claim again once the message committed.
+                return _CLAIM_AFTER_COMMIT
             if not may_receive(s.status.status, priority):
                 continue
             if best is None or s.last_active_at > best.last_active_at:
@@ -836,12 +852,17 @@ class Broker(service.Service):
                             message.created_at, seq)
         payload = None
         for delivery, taker in deliveries:
+            if taker is _CLAIM_AFTER_COMMIT:
+                mesh = self._meshes.get(message.mesh_id)
+                if mesh is not None:
+                    self._drain_member(mesh, delivery.member_id)
+                continue
             if taker is None:
                 continue
             if taker.connection is None:
-                # It went away between routing and commit; its lease was
-                # released (or will end): a claim hands it on.
-                self.writes.release_leases(taker.presence_id)
+                # It went away between routing and commit: release the lease
+                # this batch stored, and hand the delivery on.
+                self._release_and_drain(taker)
                 continue
             if payload is None:
                 payload = protocol.encode(frame)
@@ -884,7 +905,7 @@ class Broker(service.Service):
             session.draining = False
             if session.connection is not connection or connection is None:
                 if rows:
-                    self.writes.release_leases(session.presence_id)
+                    self._release_and_drain(session)
                 return None
             lease_until = now + self.settings.lease_seconds * 1000
             for row in rows:
@@ -1046,6 +1067,8 @@ class Broker(service.Service):
 
 
 _ABSENT = object()
+# What Broker._taker answers when a recipient session is claiming already.
+_CLAIM_AFTER_COMMIT = object()
 
 
 def _group_entry(name, role):

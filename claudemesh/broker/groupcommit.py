@@ -34,6 +34,7 @@ class GroupCommit:
         self._updates = []
         self._acks = []
         self._releases = []
+        self._release_waiters = []
         self._closes = []
 
     def _pending(self):
@@ -73,8 +74,16 @@ class GroupCommit:
         self._schedule()
 
     def release_leases(self, presence_id):
+        """
+        Queue giving back the leases of a session. The L{Deferred} fires
+        (never fails) once the batch holding the release committed, so a
+        claim made after it can take those deliveries.
+        """
+        d = defer.Deferred()
         self._releases.append(presence_id)
+        self._release_waiters.append(d)
         self._schedule()
+        return d
 
     def close_session(self, presence_id, when):
         self._closes.append((presence_id, when))
@@ -110,11 +119,14 @@ class GroupCommit:
                  self._acks, self._releases, self._closes)
         rest_messages = self._messages[self._max_batch:]
         rest_waiters = self._waiters[self._max_batch:]
+        release_waiters = self._release_waiters
         self._reset()
         self._messages, self._waiters = rest_messages, rest_waiters
         started = self._clock.seconds()
-        self._in_flight = self._commit(*batch)
-        self._in_flight.addBoth(self._committed, started, batch)
+        d = self._in_flight = self._commit(*batch)
+        d.addBoth(self._committed, started, batch)
+        if release_waiters:
+            d.addCallback(lambda _: [w.callback(None) for w in release_waiters])
 
     @defer.inlineCallbacks
     def _commit(self, opens, messages, waiters, audit, updates, acks, releases, closes):

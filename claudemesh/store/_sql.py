@@ -156,6 +156,8 @@ DELIVERY_COLUMNS = (
     "state",
     "attempts",
     "expires_at",
+    "lease_session",
+    "lease_until",
 )
 DELIVERY_RECORD_COLUMNS = tuple(f.name for f in attr.fields(DeliveryRecord))
 SEND_KEY_COLUMNS = ("sender_member_id", "client_id", "message_id", "expires_at")
@@ -615,9 +617,13 @@ class SQLStore:
                         delivery.group_name,
                         message.priority,
                         seq,
-                        "queued",
-                        0,
+                        # Stored leased when the broker pushes it at once
+                        # (see NewDelivery): no claim may hand it on meanwhile.
+                        "leased" if delivery.lease_session else "queued",
+                        1 if delivery.lease_session else 0,
                         message.expires_at,
+                        delivery.lease_session,
+                        delivery.lease_until if delivery.lease_session else None,
                     )
                 )
             if message.client_id is not None:

@@ -368,6 +368,14 @@ class MemoryStore:
                     seq=seq,
                     expires_at=message.expires_at,
                 )
+                if delivery.lease_session:
+                    # Pushed at once by the broker (see NewDelivery): stored
+                    # leased so no claim hands it on meanwhile.
+                    stored = self._deliveries[key]
+                    stored.state = "leased"
+                    stored.attempts = 1
+                    stored.lease_session = delivery.lease_session
+                    stored.lease_until = delivery.lease_until
             if message.client_id is not None:
                 self._send_keys[(message.sender_member_id, message.client_id)] = (
                     message.id,
