@@ -22,7 +22,7 @@ import secrets
 import uuid
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
@@ -39,6 +39,8 @@ CLAIM_BATCH = 200
 # hook signals, rate-limit buckets. Short enough that a 30 s lease or a 60 s
 # TTL is honoured within a few seconds.
 SWEEP_INTERVAL = 5.0
+# How long a shutdown waits after sending 1001 close frames.
+SHUTDOWN_CLOSE_WAIT = 0.5
 
 
 def new_id() -> str:
@@ -254,15 +256,38 @@ class Broker(service.Service):
         self._schedule_sweep()
 
     def stopService(self):
+        """
+        Graceful shutdown: every live session is closed with 1001 C{shutting
+        down} (its client reconnects with backoff), every session is marked
+        closed in the store, and the pending writes are flushed — nothing
+        acknowledged is lost. No C{peer_left} goes out: everyone is leaving.
+        """
         service.Service.stopService(self)
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
+        now = self.now_ms()
+        closing = 0
         for mesh in self._meshes.values():
-            for session in mesh.sessions.values():
+            for session in list(mesh.sessions.values()):
                 if session.grace_call is not None and session.grace_call.active():
                     session.grace_call.cancel()
-        return self.writes.flushed()
+                session.grace_call = None
+                connection, session.connection = session.connection, None
+                session.ending = "shutdown"
+                if connection is not None:
+                    connection.close(protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTTING_DOWN)
+                    closing += 1
+                self.writes.close_session(session.presence_id, now)
+            mesh.sessions.clear()
+        if self.metrics is not None:
+            self.metrics.connections_active.set(0)
+        d = self.writes.flushed()
+        if closing:
+            # Give the close frames a moment on the wire before the reactor
+            # stops; clients see 1001 rather than a dropped connection.
+            d.addCallback(lambda _: task.deferLater(self.clock, SHUTDOWN_CLOSE_WAIT, lambda: None))
+        return d
 
     def store_opened(self):
         """

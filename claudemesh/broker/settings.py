@@ -29,3 +29,6 @@ class BrokerSettings:
     auto_ping_interval: int = 30
     auto_ping_timeout: int = 75
     pending_hook_seconds: int = 10
+    # Bytes a connection may queue past a full socket buffer before it is
+    # closed as a slow consumer (4003).
+    max_outbound_buffer_bytes: int = 1024 * 1024

@@ -29,7 +29,7 @@ import autobahn.websocket
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import _parseServer, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -517,6 +517,26 @@ def timer_step(description, function, *args, **kwargs):
     return step
 
 
+class OrderedMultiService(MultiService):
+    """
+    A L{MultiService} that stops its children one after another, in reverse
+    order, each after the previous one finished stopping.
+
+    L{MultiService} stops every child at once; the broker must flush its
+    pending writes before the store closes, and stop listening before it
+    closes its sessions.
+    """
+
+    def stopService(self):
+        Service.stopService(self)
+        d = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, child=child: child.stopService())
+            d.addErrback(lambda f, child=child: _log.failure(
+                "stopping {service} failed", f, service=child.name))
+        return d
+
+
 class WebSocketFactoryService(Service):
     """
     Start and stop the WebSocket factory mounted in the resource tree.
@@ -565,7 +585,7 @@ def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     settings = config["settings"]
-    top = MultiService()
+    top = OrderedMultiService()
 
     # make_store creates the data directory (0700) for the SQLite default.
     store = make_store(

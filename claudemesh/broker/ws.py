@@ -13,12 +13,15 @@ configured maximum is closed by Autobahn with 1009.
 import collections
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from claudemesh import __version__, protocol
 from claudemesh.broker.core import IPeerConnection, Refusal
+from claudemesh.broker.limits import AddressLimits
 from claudemesh.broker.web import configure_ws_factory
 
 ERROR_FLOOD_COUNT = 100
@@ -61,6 +64,9 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         self._hello_running = False
         self._errors = collections.deque()
         self.peer_address = None
+        self._address = None
+        self._paused = False
+        self._paused_bytes = 0
 
     # -- IPeerConnection ---------------------------------------------------------
 
@@ -68,8 +74,24 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         self.send_encoded(protocol.encode(frame))
 
     def send_encoded(self, payload):
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendMessage(payload, isBinary=False)
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self._paused:
+            # The peer stopped reading and the transport's buffer is full:
+            # what we write now only grows our memory. Past the cap the
+            # connection goes; its deliveries stay queued for its return.
+            self._paused_bytes += len(payload)
+            cap = self.factory.max_outbound_buffer_bytes
+            if cap and self._paused_bytes > cap:
+                self._log.info("closing a slow consumer at {peer}", peer=self.peer_address)
+                session = self._session
+                if session is not None:
+                    self.factory.broker.end_connection(
+                        session, protocol.CLOSE_SLOW_CONSUMER, "slow_consumer", "grace")
+                else:
+                    self.close(protocol.CLOSE_SLOW_CONSUMER, "slow_consumer")
+                return
+        self.sendMessage(payload, isBinary=False)
 
     def close(self, code, reason):
         # sendClose() only accepts 1000 and 3000-4999; the protocol also
@@ -80,8 +102,27 @@ class BrokerServerProtocol(WebSocketServerProtocol):
     # -- Autobahn callbacks ------------------------------------------------------
 
     def onConnect(self, request):
-        self.peer_address = request.peer
+        limits = self.factory.limits
+        address = limits.client_address(request.peer, request.headers.get("x-forwarded-for"))
+        refusal = limits.admit(address)
+        if refusal is not None:
+            self.factory.broker._count_rejected(refusal)
+            # Answered as HTTP 429 before the upgrade.
+            raise ConnectionDeny(429, refusal)
+        self._address = address
+        self.peer_address = address
         return None
+
+    def onOpen(self):
+        # Flow control: the transport tells a registered streaming producer
+        # when its buffer fills (the peer stopped reading) and drains. The
+        # HTTP channel that did the upgrade is registered there; take over.
+        transport = self.transport
+        try:
+            transport.unregisterProducer()
+            transport.registerProducer(_Backpressure(self), True)
+        except Exception:
+            self._log.failure("cannot watch this connection's outbound buffer")
 
     def onMessage(self, payload, isBinary):
         try:
@@ -91,6 +132,9 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._error(protocol.FrameError("internal", "the broker failed on this frame"))
 
     def onClose(self, wasClean, code, reason):
+        if self._address is not None:
+            self.factory.limits.release(self._address)
+            self._address = None
         session = self._session
         if session is not None:
             self._session = None
@@ -223,6 +267,27 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self.close(protocol.CLOSE_POLICY, protocol.REASON_FLOOD)
 
 
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Told by the transport when its outbound buffer is full (the peer does
+    not read) and when it drained.
+    """
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def pauseProducing(self):
+        self._protocol._paused = True
+
+    def resumeProducing(self):
+        self._protocol._paused = False
+        self._protocol._paused_bytes = 0
+
+    def stopProducing(self):
+        pass
+
+
 def frame_req_id(frame):
     return getattr(frame, "_reqId", None)
 
@@ -241,4 +306,7 @@ class BrokerServerFactory(WebSocketServerFactory):
         # The error-flood window reads this clock so tests can drive it.
         self.clock = clock
         self.noisy = False
+        self.max_outbound_buffer_bytes = settings.max_outbound_buffer_bytes
+        self.limits = AddressLimits(clock, settings.max_connections_per_ip,
+                                    settings.hello_rate_per_ip, settings.trusted_proxies)
         configure_ws_factory(self, settings)

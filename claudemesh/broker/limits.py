@@ -1,0 +1,80 @@
+"""
+Per-address limits, applied before the WebSocket upgrade: open connections
+per address (C{--max-connections-per-ip}) and new connections per address and
+second (C{--hello-rate-per-ip}). A refusal is an HTTP 429 answer to the
+upgrade request, so a flood costs the broker no WebSocket session.
+
+The address is the TCP peer's, unless that peer is a trusted proxy
+(C{--trusted-proxy}): then it is the last address its C{X-Forwarded-For}
+names (the one the proxy itself saw). A client cannot spoof its way around
+the limits by sending that header itself.
+"""
+
+import ipaddress
+
+from claudemesh.broker.ratelimit import TokenBuckets
+
+
+def peer_host(peer):
+    """
+    The host of an Autobahn peer string (C{tcp:1.2.3.4:5678},
+    C{tcp6:::1:5678}, C{unix}...).
+    """
+    kind, _, rest = peer.partition(":")
+    if kind in ("tcp", "tcp4", "tcp6") and ":" in rest:
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+class AddressLimits:
+    def __init__(self, clock, max_connections, hello_rate_per_second, trusted_proxies=()):
+        self._max = max_connections
+        self._rate = TokenBuckets(clock, hello_rate_per_second, hello_rate_per_second * 60)
+        self._proxies = tuple(ipaddress.ip_network(p) for p in trusted_proxies)
+        self._open = {}
+
+    def client_address(self, peer, forwarded_for):
+        """
+        The address the limits count: the peer's, or the one a trusted proxy
+        says it serves.
+        """
+        host = peer_host(peer)
+        if forwarded_for and self._trusted(host):
+            hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+            if hops:
+                return hops[-1]
+        return host
+
+    def _trusted(self, host):
+        if not self._proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._proxies)
+
+    def admit(self, address):
+        """
+        Count a new connection from C{address}, or say why it is refused
+        (C{"too_many_connections"} or C{"rate_limited"}).
+        """
+        if self._max and self._open.get(address, 0) >= self._max:
+            return "too_many_connections"
+        if not self._rate.take(address):
+            return "rate_limited"
+        self._open[address] = self._open.get(address, 0) + 1
+        return None
+
+    def release(self, address):
+        count = self._open.get(address, 0) - 1
+        if count > 0:
+            self._open[address] = count
+        else:
+            self._open.pop(address, None)
+
+    def open_connections(self, address):
+        return self._open.get(address, 0)
+
+    def sweep(self):
+        self._rate.sweep()
