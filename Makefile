@@ -4,6 +4,8 @@
 #                (http://localhost:7900); extra twistd options via ARGS=...
 #   make test    run the whole trial suite
 #   make lint    ruff
+#   make bench   the benchmark (bench/, docs/performance.md); extra arguments
+#                via BENCH=..., e.g. make bench BENCH="--quick burst"
 #   make clean   remove build and test leftovers (keeps the virtualenv)
 #   make distclean   ... and the virtualenv
 #
@@ -13,10 +15,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 ARGS ?=
+BENCH ?=
 
 VENV_PYTHON := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.claudemesh-installed
 TEST_STAMP := $(VENV)/.claudemesh-installed-test
+BENCH_STAMP := $(VENV)/.claudemesh-installed-bench
 
 .PHONY: run test lint bench clean distclean
 
@@ -33,9 +37,10 @@ $(TEST_STAMP): setup.cfg pyproject.toml | $(VENV_PYTHON)
 	touch $@ $(RUN_STAMP)
 
 # --pidfile= : twistd writes ./twistd.pid even in the foreground otherwise,
-# and a stale one stops the next `make run`.
+# and a stale one stops the next `make run`. Loopback only: a development
+# broker, where mesh creation needs no admin token (docs/membership.md).
 run: $(RUN_STAMP)
-	$(VENV)/bin/twistd -n --pidfile= claudemesh-broker $(ARGS)
+	$(VENV)/bin/twistd -n --pidfile= claudemesh-broker --port tcp:7900:interface=127.0.0.1 $(ARGS)
 
 test: $(TEST_STAMP)
 	$(VENV_PYTHON) -m twisted.trial tests
@@ -43,15 +48,20 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
-bench:
-	@echo "make bench: the benchmark (bench/) arrives with its own issue; nothing to run yet." >&2
-	@exit 1
+$(BENCH_STAMP): setup.cfg pyproject.toml | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install -q -e '.[bench]'
+	touch $@ $(RUN_STAMP)
+
+# SQLite by default; DATABASE_URL=postgresql://... benchmarks Postgres (a
+# fresh schema per scenario, dropped afterwards).
+bench: $(BENCH_STAMP)
+	$(VENV_PYTHON) -m bench $(BENCH)
 
 clean:
 	rm -rf _trial_temp _trial_temp.lock build dist *.egg-info .hypothesis .ruff_cache
 	rm -f twisted/plugins/dropin.cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -f $(RUN_STAMP) $(TEST_STAMP)
+	rm -f $(RUN_STAMP) $(TEST_STAMP) $(BENCH_STAMP)
 
 distclean: clean
 	rm -rf $(VENV)
