@@ -1,0 +1,87 @@
+"""
+The table ``python -m bench`` prints.
+"""
+
+COLUMNS = (
+    ("scenario", 11), ("target", 7), ("deliv%", 7), ("rate/s", 9), ("unit", 8),
+    ("ack p50/p95/p99/max ms", 27), ("push p50/p95/p99/max ms", 27),
+    ("µs/msg", 7), ("s/1k", 6), ("peakMB", 7), ("gen cpu", 7), ("x relay", 7),
+)
+
+UNITS = {"burst": "msg", "steady": "msg", "fanout": "push", "connections": "hello"}
+
+
+def _pct(stats):
+    if not stats:
+        return "-"
+    return "%s/%s/%s/%s" % tuple(_ms(stats[k]) for k in ("p50", "p95", "p99", "max"))
+
+
+def _ms(value):
+    if value >= 100:
+        return "%.0f" % value
+    if value >= 10:
+        return "%.1f" % value
+    return "%.2f" % value
+
+
+def row(name, target, result, ratio):
+    if name == "connections":
+        delivered = "%.1f" % (100.0 * result["connected"] / result["peers"])
+        ack = _pct(result.get("connect_to_hello_ack_ms"))
+        push = "rss %.1f KB/conn" % (result["rss_per_connection_kb"] or 0)
+    else:
+        delivered = "%.2f" % result["delivered_pct"]
+        ack = _pct(result.get("send_to_ack_ms"))
+        push = _pct(result.get("send_to_push_ms"))
+    per_1000 = result.get("broker_cpu_s_per_1000")
+    if name == "fanout":
+        # per push, not per broadcast
+        pushes = result.get("pushes") or 0
+        micro = 1e6 * result["broker_cpu_s"] / pushes if pushes else None
+    else:
+        micro = per_1000 * 1000 if per_1000 is not None else None
+    return [
+        name, target, delivered, "%.0f" % result["throughput_per_s"], UNITS[name], ack, push,
+        "%.0f" % micro if micro is not None else "-",
+        "%.3f" % per_1000 if per_1000 is not None else "-",
+        "%.0f" % (result["broker_peak_rss_kb"] / 1024.0),
+        "%.1f" % result["generator_cpu_s"],
+        "%.2f" % ratio if ratio is not None and target == "broker" else "",
+    ]
+
+
+def print_table(document):
+    print()
+    print("claudemesh bench — %s%s, store %s%s, %s CPUs" % (
+        document["sha"], " (dirty)" if document.get("dirty") else "", document["store"],
+        ", --quick" if document.get("quick") else "", document["machine"]["cpus"]))
+    print("  ".join(title.ljust(width) for title, width in COLUMNS))
+    for name, entry in document["scenarios"].items():
+        for target in ("broker", "relay"):
+            result = entry.get(target)
+            if result is None:
+                continue
+            cells = row(name, target, result, entry.get("ratio_to_relay"))
+            print("  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)))
+    notes = []
+    for name, entry in document["scenarios"].items():
+        b = entry.get("broker")
+        if not b:
+            continue
+        if name != "connections":
+            notes.append("%s: sent %d, lost %d, duplicate pushes %d, duplicates to app %d, "
+                         "ack errors %s, broker CPU %.1f s, machine busy %.1f s of %.1f s "
+                         "wall x %d cores" % (
+                             name, b["sent"], b["lost"], b["duplicate_pushes"],
+                             b["duplicates_to_app"], b["ack_errors"] or "none",
+                             b["broker_cpu_s"], b["machine_busy_cpu_s"], b["elapsed_s"],
+                             document["machine"]["cpus"]))
+        else:
+            notes.append("connections: %d/%d connected, %d still open after idle, failures %s, "
+                         "RSS %+.0f MB" % (b["connected"], b["peers"], b["still_open"],
+                                           b["failures"] or "none", b["rss_growth_kb"] / 1024))
+    for line in notes:
+        print("  " + line)
+    for key, error in document.get("failures", {}).items():
+        print("  FAILED %s: %s" % (key, error.splitlines()[-1] if error else ""))
