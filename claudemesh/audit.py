@@ -31,13 +31,21 @@ def _normalise(value):
     return value
 
 
+def _flat(value) -> bool:
+    # The common payload (message_sent) is a flat object of strings and
+    # integers: nothing to normalise.
+    return isinstance(value, dict) and all(
+        isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) or v is None
+        for v in value.values()) and all(isinstance(k, str) for k in value)
+
+
 def canonical_json(value) -> str:
     """
     Serialise C{value} canonically: sorted keys, compact separators, UTF-8 kept.
     """
-    return json.dumps(
-        _normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    if not _flat(value):
+        value = _normalise(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def iso_millis(ms: int) -> str:
@@ -46,8 +54,16 @@ def iso_millis(ms: int) -> str:
     milliseconds and C{Z}, e.g. C{2026-04-15T12:00:00.000Z}.
     """
     seconds, millis = divmod(int(ms), 1000)
-    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + ".%03dZ" % (millis,)
+    # Formatting the date is the costly part; consecutive calls on the hot
+    # path mostly fall in the same second.
+    cached_seconds, prefix = _last_second
+    if seconds != cached_seconds:
+        prefix = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second[:] = [seconds, prefix]
+    return "%s.%03dZ" % (prefix, millis)
+
+
+_last_second = [None, ""]
 
 
 def chain_hash(
@@ -61,13 +77,21 @@ def chain_hash(
     """
     Compute one audit row's hash from its predecessor's.
     """
+    return chain_hash_text(prev_hash, mesh_id, event_type, actor, canonical_json(payload),
+                           created_at)
+
+
+def chain_hash_text(prev_hash, mesh_id, event_type, actor, payload_json, created_at) -> str:
+    """
+    L{chain_hash} for a payload already in its canonical JSON text.
+    """
     text = "|".join(
         [
             prev_hash,
             mesh_id,
             event_type,
             "null" if actor is None else actor,
-            canonical_json(payload),
+            payload_json,
             iso_millis(created_at),
         ]
     )

@@ -306,6 +306,15 @@ class FailingEnqueueStore:
             return defer.fail(StoreUnavailable("the database is gone"))
         return self._store.enqueue(messages, audit)
 
+    def write_batch(self, batch):
+        if self.failing and batch.messages:
+            from twisted.internet import defer
+
+            from claudemesh.store.interface import StoreUnavailable
+
+            return defer.fail(StoreUnavailable("the database is gone"))
+        return self._store.write_batch(batch)
+
 
 class HeldClaimsStore:
     """

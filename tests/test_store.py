@@ -37,6 +37,7 @@ from claudemesh.store.records import (
     NewDelivery,
     NewMessage,
     SessionRecord,
+    WriteBatch,
 )
 from claudemesh.store.schema import CURRENT_VERSION, full_schema, split_statements
 from tests import pg
@@ -569,6 +570,45 @@ class StoreTestsMixin:
         self.assertEqual(total, 2)
         self.assertEqual([e.payload for e in entries], [{"i": 1}, {"i": 0}])
         self.assertTrue((yield self.store.verify_chain(mesh.id)).valid)
+
+    @defer.inlineCallbacks
+    def test_write_batch(self):
+        """One write_batch opens, stores, updates, acknowledges, releases and closes."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        one = self.makeSession(mesh, bob)
+        two = self.makeSession(mesh, bob)
+        yield self.store.open_sessions([one])
+        old = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        leased = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        yield self.store.enqueue([old, leased])
+        yield self.claim(bob, one.presence_id)
+        fresh = self.makeMessage(mesh, owner, [NewDelivery(bob.id)], client_id="w1")
+        event = AuditEvent(mesh.id, "message_sent", owner.id, {"n": 1}, NOW)
+        results = yield self.store.write_batch(WriteBatch(
+            opens=(two,), messages=(fresh,), audit=(event,),
+            updates=((two.presence_id, {"status": "working", "status_source": "manual",
+                                        "status_updated_at": NOW + 5}),),
+            acks=((old.id, bob.id),), releases=(one.presence_id,),
+            closes=((one.presence_id, NOW + 6),), now=NOW + 7))
+        self.assertEqual([r.message_id for r in results], [fresh.id])
+        [session] = yield self.store.list_open_sessions(mesh.id)
+        self.assertEqual((session.presence_id, session.status), (two.presence_id, "working"))
+        [delivered] = yield self.store.message_deliveries(old.id)
+        self.assertEqual((delivered.state, delivered.acked_at), ("delivered", NOW + 7))
+        claimed = yield self.claim(bob, two.presence_id)
+        self.assertEqual(sorted(c.message_id for c in claimed), sorted([leased.id, fresh.id]))
+        self.assertEqual((yield self.store.audit_entries(mesh.id, 10, 0))[1], 1)
+
+    @defer.inlineCallbacks
+    def test_write_batch_stores_leased(self):
+        """A delivery carrying a lease is stored leased to that session."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        message = self.makeMessage(
+            mesh, owner, [NewDelivery(bob.id, lease_session="p1", lease_until=NOW + 30_000)])
+        yield self.store.write_batch(WriteBatch(messages=(message,)))
+        [row] = yield self.store.message_deliveries(message.id)
+        self.assertEqual((row.state, row.lease_session, row.attempts), ("leased", "p1", 1))
+        self.assertEqual((yield self.claim(bob, "p2")), [])
 
     # -- claims -----------------------------------------------------------------
 

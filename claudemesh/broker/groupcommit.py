@@ -3,15 +3,17 @@ Group commit: the broker's writes to the store, gathered into batches.
 
 Writes are queued as they happen and flushed together on the next reactor
 turn, one batch in flight at a time: while a batch commits, the next one
-fills. A burst of sends thus costs one transaction per batch instead of one
-per message, and a message is acknowledged only after the batch holding it
-committed. Within a batch the kinds are applied in an order that respects
-causality (a session is opened before it is updated or closed; leases are
-released after acknowledgements).
+fills. Each batch is one L{WriteBatch}, applied by the store in one
+transaction, so a burst of sends costs one commit per batch instead of
+several per message, and a message is acknowledged only after the batch
+holding it committed.
 """
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from claudemesh.store.interface import StoreUnavailable
+from claudemesh.store.records import WriteBatch
 
 
 class GroupCommit:
@@ -22,11 +24,6 @@ class GroupCommit:
         self._clock = clock
         self._metrics = metrics
         self._max_batch = max_batch
-        self._reset()
-        self._in_flight = None
-        self._scheduled = None
-
-    def _reset(self):
         self._opens = []
         self._messages = []
         self._waiters = []
@@ -36,18 +33,21 @@ class GroupCommit:
         self._releases = []
         self._release_waiters = []
         self._closes = []
+        self._flush_waiters = []
+        self._in_flight = None
+        self._scheduled = None
 
     def _pending(self):
-        return (len(self._opens) + len(self._messages) + len(self._audit)
-                + len(self._updates) + len(self._acks) + len(self._releases)
-                + len(self._closes))
+        return bool(self._opens or self._messages or self._audit or self._updates
+                    or self._acks or self._releases or self._closes)
 
     # -- what callers queue --------------------------------------------------
 
     def enqueue(self, message, audit=None):
         """
         Queue a L{NewMessage} (and its audit event). The L{Deferred} fires
-        with its L{EnqueueResult} once the batch committed.
+        with its L{EnqueueResult} once the batch committed, or fails as the
+        batch failed.
         """
         d = defer.Deferred()
         self._messages.append(message)
@@ -76,7 +76,7 @@ class GroupCommit:
     def release_leases(self, presence_id):
         """
         Queue giving back the leases of a session. The L{Deferred} fires
-        (never fails) once the batch holding the release committed, so a
+        (never fails) once the batch holding the release was written, so a
         claim made after it can take those deliveries.
         """
         d = defer.Deferred()
@@ -91,13 +91,12 @@ class GroupCommit:
 
     def flushed(self):
         """
-        A L{Deferred} that fires once everything queued so far is committed
+        A L{Deferred} that fires once everything queued so far was written
         (used at shutdown and by tests).
         """
         if not self._pending() and self._in_flight is None:
             return defer.succeed(None)
         d = defer.Deferred()
-        self._flush_waiters = getattr(self, "_flush_waiters", [])
         self._flush_waiters.append(d)
         self._schedule()
         return d
@@ -109,80 +108,81 @@ class GroupCommit:
             return
         self._scheduled = self._clock.callLater(0, self._flush)
 
+    def _take(self):
+        """
+        Everything queued (at most C{max_batch} messages) as one batch, with
+        the Deferreds waiting for it.
+        """
+        cut = self._max_batch
+        batch = WriteBatch(
+            opens=tuple(self._opens), messages=tuple(self._messages[:cut]),
+            audit=tuple(self._audit), updates=tuple(self._updates), acks=tuple(self._acks),
+            releases=tuple(self._releases), closes=tuple(self._closes),
+            now=int(self._clock.seconds() * 1000))
+        waiters, release_waiters = self._waiters[:cut], self._release_waiters
+        self._messages, self._waiters = self._messages[cut:], self._waiters[cut:]
+        self._opens, self._audit, self._updates, self._acks = [], [], [], []
+        self._releases, self._release_waiters, self._closes = [], [], []
+        return batch, waiters, release_waiters
+
+    def _requeue(self, batch):
+        # Put back what does not answer anyone, in front of newer writes,
+        # for the next attempt.
+        self._opens[:0] = batch.opens
+        self._audit[:0] = [e for e in batch.audit if e.event_type != "message_sent"]
+        self._updates[:0] = batch.updates
+        self._acks[:0] = batch.acks
+        self._releases[:0] = batch.releases
+        self._closes[:0] = batch.closes
+
     def _flush(self):
         self._scheduled = None
         if self._in_flight is not None or not self._pending():
             self._notify_flushed()
             return
-        batch = (self._opens, self._messages[: self._max_batch],
-                 self._waiters[: self._max_batch], self._audit, self._updates,
-                 self._acks, self._releases, self._closes)
-        rest_messages = self._messages[self._max_batch:]
-        rest_waiters = self._waiters[self._max_batch:]
-        release_waiters = self._release_waiters
-        self._reset()
-        self._messages, self._waiters = rest_messages, rest_waiters
+        batch, waiters, release_waiters = self._take()
         started = self._clock.seconds()
-        d = self._in_flight = self._commit(*batch)
-        d.addBoth(self._committed, started, batch)
-        if release_waiters:
-            d.addCallback(lambda _: [w.callback(None) for w in release_waiters])
+        self._in_flight = d = self._store.write_batch(batch)
+        d.addCallbacks(self._committed, self._failed, callbackArgs=(waiters,),
+                       errbackArgs=(batch, waiters))
+        d.addBoth(self._done, started, batch, release_waiters)
 
-    @defer.inlineCallbacks
-    def _commit(self, opens, messages, waiters, audit, updates, acks, releases, closes):
-        store = self._store
-        # Each kind is its own transaction; a failure of one kind must not
-        # lose the others, so each is guarded separately.
-        if opens:
-            yield self._guard("open_sessions", store.open_sessions(opens))
-        if messages or audit:
-            try:
-                results = yield store.enqueue(messages, audit)
-            except Exception as e:
-                failure_ = e
-                self._log.failure("storing a batch of {count} messages failed",
-                                  count=len(messages))
-                for d in waiters:
-                    d.errback(failure_)
-            else:
-                for d, result in zip(waiters, results):
-                    d.callback(result)
-        if updates:
-            yield self._guard("update_sessions", store.update_sessions(updates))
-        if acks:
-            yield self._guard("ack_deliveries", store.ack_deliveries(acks, self._now_ms()))
-        if releases:
-            yield self._guard("release_leases", store.release_leases(releases))
-        if closes:
-            by_time = {}
-            for presence_id, when in closes:
-                by_time.setdefault(when, []).append(presence_id)
-            for when, ids in by_time.items():
-                yield self._guard("close_sessions", store.close_sessions(ids, when))
+    def _committed(self, results, waiters):
+        for d, result in zip(waiters, results):
+            d.callback(result)
+        return True
 
-    def _guard(self, what, d):
-        def failed(f):
-            self._log.failure("store write {what} failed", f, what=what)
+    def _failed(self, f, batch, waiters):
+        self._log.failure("writing a batch of {count} messages and {other} other writes failed",
+                          f, count=len(batch.messages),
+                          other=len(batch.opens) + len(batch.updates) + len(batch.acks)
+                          + len(batch.releases) + len(batch.closes))
+        for d in waiters:
+            d.errback(f)
+        if f.check(StoreUnavailable):
+            self._requeue(batch)
+        return False
 
-        return d.addErrback(failed)
-
-    def _now_ms(self):
-        return int(self._clock.seconds() * 1000)
-
-    def _committed(self, result, started, batch):
+    def _done(self, ok, started, batch, release_waiters):
         self._in_flight = None
         if self._metrics is not None:
             self._metrics.store_batch_seconds.observe(self._clock.seconds() - started)
-            self._metrics.store_batch_size.observe(sum(len(part) for part in batch) - len(batch[2]))
-        if self._pending():
+            self._metrics.store_batch_size.observe(
+                len(batch.opens) + len(batch.messages) + len(batch.audit) + len(batch.updates)
+                + len(batch.acks) + len(batch.releases) + len(batch.closes))
+        for d in release_waiters:
+            d.callback(None)
+        if self._pending() and ok:
             self._flush()
+        elif self._pending():
+            # The store is down: try again a little later rather than spin.
+            self._scheduled = self._clock.callLater(1.0, self._flush)
         else:
             self._notify_flushed()
         return None
 
     def _notify_flushed(self):
-        waiters = getattr(self, "_flush_waiters", [])
-        if waiters and not self._pending() and self._in_flight is None:
-            self._flush_waiters = []
+        if self._flush_waiters and not self._pending() and self._in_flight is None:
+            waiters, self._flush_waiters = self._flush_waiters, []
             for d in waiters:
                 d.callback(None)

@@ -20,7 +20,7 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from claudemesh.audit import GENESIS, canonical_json, chain_hash
+from claudemesh.audit import GENESIS, canonical_json, chain_hash, chain_hash_text
 from claudemesh.store.interface import IStore
 from claudemesh.store.records import (
     AuditEntry,
@@ -659,6 +659,28 @@ class SQLStore:
             yield from self._append_audit(audit)
         return results
 
+    def write_batch(self, batch):
+        return self._transact(self._write_batch, batch)
+
+    def _write_batch(self, batch):
+        if batch.opens:
+            yield from self._open_sessions(list(batch.opens))
+        results = []
+        if batch.messages or batch.audit:
+            results = yield from self._enqueue(list(batch.messages), list(batch.audit))
+        if batch.updates:
+            yield from self._update_sessions(list(batch.updates))
+        if batch.acks:
+            yield from self._ack_deliveries(list(batch.acks), batch.now)
+        if batch.releases:
+            yield from self._release_leases(list(batch.releases))
+        closes = {}
+        for presence_id, when in batch.closes:
+            closes.setdefault(when, []).append(presence_id)
+        for when, presence_ids in closes.items():
+            yield from self._close_sessions(presence_ids, when)
+        return results
+
     def claim_deliveries(
         self,
         member_id,
@@ -871,13 +893,14 @@ def chain_events(events, tails):
         seq, prev_hash = tails.get(event.mesh_id, (0, GENESIS))
         # The stored payload is its canonical JSON; hand back what reading
         # the row would give, so fresh and re-read entries compare equal.
-        payload = json.loads(canonical_json(event.payload))
-        digest = chain_hash(
+        text = canonical_json(event.payload)
+        payload = json.loads(text)
+        digest = chain_hash_text(
             prev_hash,
             event.mesh_id,
             event.event_type,
             event.actor,
-            payload,
+            text,
             event.created_at,
         )
         entries.append(

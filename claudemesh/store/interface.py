@@ -201,6 +201,15 @@ class IStore(Interface):
             in order, carrying the sequence number the store assigned.
         """
 
+    def write_batch(batch):
+        """
+        Apply a L{WriteBatch} in one transaction: either all of it is stored
+        or none of it.
+
+        @return: a L{Deferred} firing with the L{EnqueueResult}s of its
+            messages, in order.
+        """
+
     def claim_deliveries(member_id, session_pubkey, presence_id, groups,
                          priorities, now, lease_ms, limit):
         """

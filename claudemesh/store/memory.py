@@ -15,6 +15,7 @@ import copy
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from claudemesh.store._sql import (
@@ -36,6 +37,17 @@ from claudemesh.store.records import (
 from claudemesh.store.schema import CURRENT_VERSION
 
 PENDING = ("queued", "leased")
+
+
+def _fired(d):
+    """
+    The result of an already-fired L{Deferred}, raising its failure.
+    """
+    outcome = []
+    d.addBoth(outcome.append)
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
 
 
 def _synchronously(method):
@@ -465,6 +477,28 @@ class MemoryStore:
     @_synchronously
     def release_leases(self, presence_ids):
         return self._release(presence_ids)
+
+    def write_batch(self, batch):
+        # The same steps as the SQL stores, one after another; each fires at
+        # once. Unlike their single transaction, a failure part-way leaves
+        # the earlier steps applied (the memory store serves unit tests).
+        results = []
+        try:
+            if batch.opens:
+                _fired(self.open_sessions(batch.opens))
+            if batch.messages or batch.audit:
+                results = _fired(self.enqueue(batch.messages, batch.audit))
+            if batch.updates:
+                _fired(self.update_sessions(batch.updates))
+            if batch.acks:
+                _fired(self.ack_deliveries(batch.acks, batch.now))
+            if batch.releases:
+                _fired(self.release_leases(batch.releases))
+            for presence_id, when in batch.closes:
+                _fired(self.close_sessions([presence_id], when))
+        except Exception:
+            return defer.fail()
+        return defer.succeed(results)
 
     @_synchronously
     def get_message(self, message_id):

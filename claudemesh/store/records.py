@@ -214,3 +214,27 @@ class ChainVerification:
     valid: bool
     entries: int
     broken_at: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class WriteBatch:
+    """
+    Everything the broker writes in one group commit, applied in this order
+    in one transaction: sessions opened, messages (with deliveries, send keys)
+    and audit events, session updates, acknowledgements, lease releases,
+    sessions closed.
+
+    @ivar updates: C{[(presence_id, {column: value})]} as for
+        L{IStore.update_sessions}.
+    @ivar acks: C{[(message_id, recipient_key)]}, confirmed at C{now}.
+    @ivar closes: C{[(presence_id, disconnected_at)]}.
+    """
+
+    opens: tuple = ()
+    messages: tuple = ()
+    audit: tuple = ()
+    updates: tuple = ()
+    acks: tuple = ()
+    releases: tuple = ()
+    closes: tuple = ()
+    now: int = 0
