@@ -752,7 +752,14 @@ def cmd_bans(reactor, arguments, environ):
     return with_mesh(reactor, arguments, environ, action)
 
 
+def cmd_doctor(reactor, arguments, environ):
+    from claudemesh.cli import doctor
+
+    return doctor.cmd_doctor(reactor, arguments, environ)
+
+
 NETWORKED = {
+    "doctor": cmd_doctor,
     "new": cmd_new,
     "invite": cmd_invite,
     "invites": cmd_invites,

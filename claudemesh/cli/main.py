@@ -61,6 +61,12 @@ COMMANDS = [
     ("ban", "remove a member's access to the mesh", True),
     ("unban", "restore a banned member's access", True),
     ("bans", "list banned members", True),
+    ("launch", "start Claude Code on your mesh (what a bare 'claudemesh' does)", False),
+    ("install", "register the MCP server and the status hooks with Claude Code", False),
+    ("uninstall", "remove what 'claudemesh install' registered", False),
+    ("doctor", "check config, keys, brokers, clock and the Claude Code setup", True),
+    ("mcp", "the MCP server Claude Code runs (stdio; started by Claude Code)", False),
+    ("hook", "report a session's status to the brokers (run by Claude Code hooks)", False),
 ]
 
 
@@ -135,6 +141,16 @@ def _make_parser():
         p.add_argument("--all", action="store_true", help="every session but yours")
     for verb in ("ban", "unban"):
         parsers[verb].add_argument("peer", help="display name or key prefix (8+ hex)")
+    p = parsers["launch"]
+    p.add_argument("--name", help="your display name in this session")
+    p.add_argument("--mode", choices=("push", "inbox", "off"),
+                   help="how peer messages reach Claude: push (default), inbox or off")
+    p.add_argument("claude_args", nargs=argparse.REMAINDER, metavar="-- claude args",
+                   help="arguments passed on to claude after '--'")
+    parsers["mcp"].add_argument("--mode", choices=("push", "inbox", "off"))
+    parsers["install"].add_argument("--no-hooks", action="store_true",
+                                    help="register the MCP server only")
+    parsers["hook"].add_argument("status", nargs="?", help="idle, working or dnd")
     return parser
 
 
@@ -191,9 +207,15 @@ def main(argv=None):
         when C{None}.
     @return: the exit code.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hook"]:
+        # Runs on every prompt: no parser, no Twisted (claudemesh.cli.hook).
+        from claudemesh.cli import hook
+
+        return hook.main(argv[1:])
     parser = _make_parser()
     try:
-        arguments = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        arguments = parser.parse_args(argv)
         _check(arguments)
     except _BadArguments as e:
         parser.print_usage(sys.stderr)
@@ -204,8 +226,23 @@ def main(argv=None):
         # so callers (and tests) need not catch SystemExit.
         return EXIT_OK if e.code is None else e.code
     if arguments.command is None:
-        parser.print_help()
-        return EXIT_OK
+        from claudemesh.cli import launch
+
+        return launch.bare(parser, os.environ)
+    if arguments.command == "mcp":
+        # Installs the asyncio reactor itself, so nothing before this may
+        # import twisted.internet.reactor. Exits the process.
+        from claudemesh.mcpserver import server
+
+        return server.main(os.environ, arguments.mesh, arguments.mode)
+    if arguments.command == "launch":
+        from claudemesh.cli import launch
+
+        return launch.run(arguments, os.environ)
+    if arguments.command in ("install", "uninstall"):
+        from claudemesh.cli import install
+
+        return install.run(arguments, os.environ)
     from claudemesh.cli import commands
 
     connects = {name: network for name, _, network in COMMANDS}[arguments.command]

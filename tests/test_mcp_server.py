@@ -1,0 +1,350 @@
+"""
+C{claudemesh mcp} as Claude Code runs it: subprocesses speaking raw JSON-RPC
+on stdin/stdout, against a real broker (C{twistd -n claudemesh-broker} on a
+free port of 127.0.0.1), with members made by the CLI's own C{new} /
+C{invite} / C{join} in separate config directories. The client here reads
+the raw stream because the SDK's client drops unknown notifications such as
+C{notifications/claude/channel}.
+
+These are integration tests: every broker and MCP process is stopped and
+every temporary directory removed after each test.
+"""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.clientfixture import free_port
+from tests.test_cli_commands import claudemesh_command, twistd_command
+
+KICKED = "Kicked from this mesh. Run claudemesh to rejoin."
+
+
+class RawMCPClient:
+    """
+    A JSON-RPC client over a C{claudemesh mcp} subprocess's stdio that keeps
+    every notification it reads.
+    """
+
+    def __init__(self, env, cwd, stderr_path):
+        self.stderr = open(stderr_path, "wb")
+        self.process = subprocess.Popen(
+            claudemesh_command() + ["mcp"], env=env, cwd=cwd, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.stderr)
+        self.lines = queue.Queue()
+        self.notifications = []
+        self.garbage = []
+        self.ids = iter(range(1, 10**6))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def send(self, message):
+        self.process.stdin.write(json.dumps(message).encode("utf-8") + b"\n")
+        self.process.stdin.flush()
+
+    def _next(self, deadline):
+        left = deadline - time.time()
+        if left <= 0:
+            raise AssertionError("no answer from the MCP server in time")
+        try:
+            line = self.lines.get(timeout=left)
+        except queue.Empty:
+            raise AssertionError("no answer from the MCP server in time") from None
+        if line is None:
+            raise AssertionError("the MCP server closed its stdout")
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.garbage.append(line)
+            raise AssertionError("not JSON on stdout: %r" % (line,)) from None
+
+    def request(self, method, params=None, timeout=30):
+        request_id = next(self.ids)
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        deadline = time.time() + timeout
+        while True:
+            message = self._next(deadline)
+            if message.get("id") == request_id and "method" not in message:
+                return message
+            if "method" in message and "id" not in message:
+                self.notifications.append(message)
+
+    def initialize(self):
+        reply = self.request("initialize", {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw-test-client", "version": "0"}})
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return reply["result"]
+
+    def call(self, tool, **arguments):
+        """
+        Call a tool; returns C{(text, isError)}.
+        """
+        reply = self.request("tools/call", {"name": tool, "arguments": arguments})
+        result = reply["result"]
+        return "".join(c.get("text", "") for c in result["content"]), result.get("isError")
+
+    def wait_notification(self, predicate, timeout=20):
+        deadline = time.time() + timeout
+        while True:
+            for n in self.notifications:
+                if predicate(n):
+                    return n
+            message = self._next(deadline)
+            if "method" in message and "id" not in message:
+                self.notifications.append(message)
+
+    def close(self, timeout=15):
+        """
+        Close stdin and wait for the process; returns its exit code.
+        """
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.process.stdout.close()
+            self.stderr.close()
+
+
+class BrokerProcessMixin:
+    """
+    A twistd broker per test and CLI helpers, as in test_cli_commands.
+    """
+
+    def start_broker(self):
+        self.tmp = tempfile.mkdtemp(prefix="claudemesh-mcp-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.port = free_port()
+        self.url = "ws://127.0.0.1:%d/ws" % (self.port,)
+        log = open(os.path.join(self.tmp, "broker.log"), "wb")
+        self.addCleanup(log.close)
+        broker = subprocess.Popen(
+            twistd_command() + ["-n", "--pidfile=", "claudemesh-broker",
+                                "--port", "tcp:%d:interface=127.0.0.1" % (self.port,),
+                                "--data-dir", os.path.join(self.tmp, "data")],
+            cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(self.stop_process, broker)
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/health/ready" % (self.port,),
+                                       timeout=1).read()
+                return
+            except Exception:
+                if broker.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("the broker did not start")
+                time.sleep(0.1)
+
+    def stop_process(self, process):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def env(self, who, **extra):
+        env = dict(os.environ)
+        for key in ("CLAUDEMESH_DISPLAY_NAME", "CLAUDEMESH_ADMIN_TOKEN", "CLAUDEMESH_SESSION_ID",
+                    "CLAUDEMESH_MESH", "CLAUDEMESH_MESSAGE_MODE", "CLAUDE_PROJECT_DIR"):
+            env.pop(key, None)
+        env["CLAUDEMESH_CONFIG_DIR"] = os.path.join(self.tmp, who, "config")
+        env["HOME"] = os.path.join(self.tmp, who, "home")
+        os.makedirs(env["HOME"], exist_ok=True)
+        env["CLAUDEMESH_BROKER_URL"] = self.url
+        env.update(extra)
+        return env
+
+    def cm(self, who, *args, stdin=None, env=None, timeout=30):
+        done = subprocess.run(claudemesh_command() + list(args), env=env or self.env(who),
+                              input=stdin, capture_output=True, timeout=timeout)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    def ok(self, who, *args):
+        code, out, err = self.cm(who, *args)
+        self.assertEqual(code, 0, (args, out, err))
+        return out
+
+    def mesh_with(self, *names):
+        self.ok("owner", "new", "team", "--name", "owner")
+        for name in names:
+            link = json.loads(self.ok("owner", "invite", "--json"))["link"]
+            self.ok(name, "join", link, "--name", name)
+
+    def mcp(self, who, session_id=None):
+        """
+        Start C{claudemesh mcp} as C{who} (a launched session when
+        C{session_id} is given) and initialize it.
+        """
+        extra = {"CLAUDEMESH_SESSION_ID": session_id} if session_id else {}
+        workdir = os.path.join(self.tmp, who, "work")
+        os.makedirs(workdir, exist_ok=True)
+        client = RawMCPClient(self.env(who, **extra), workdir,
+                              os.path.join(self.tmp, "%s-mcp.log" % (who,)))
+        self.addCleanup(client.close)
+        client.workdir = workdir
+        client.init = client.initialize()
+        return client
+
+    def wait_for(self, check, timeout=20, what="condition"):
+        deadline = time.time() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.time() > deadline:
+                raise AssertionError("timed out waiting for " + what)
+            time.sleep(0.3)
+
+
+class MCPAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
+    """
+    Two Claude Code sessions (their MCP servers) on one mesh.
+    """
+
+    def setUp(self):
+        self.start_broker()
+        self.mesh_with("alice")
+        self.alice_session = str(uuid.uuid4())
+        self.alice = self.mcp("alice", self.alice_session)
+        self.owner = self.mcp("owner", str(uuid.uuid4()))
+        self.wait_for(lambda: self.peer_line("alice"), what="alice online")
+
+    def peer_line(self, name, via=None):
+        text, error = (via or self.owner).call("list_peers")
+        if error:
+            return None
+        for line in text.splitlines():
+            if line.startswith("- **%s**" % (name,)):
+                return line
+        return None
+
+    def test_initialize_declares_channel(self):
+        """initialize declares experimental claude/channel and the tools; stdout is only JSON."""
+        self.assertEqual(self.alice.init["capabilities"]["experimental"],
+                         {"claude/channel": {}})
+        self.assertEqual(self.alice.init["serverInfo"]["name"], "claudemesh")
+        tools = self.alice.request("tools/list")["result"]["tools"]
+        self.assertEqual(
+            sorted(t["name"] for t in tools),
+            sorted(["send_message", "list_peers", "check_messages", "set_status",
+                    "set_summary", "join_group", "leave_group", "message_status",
+                    "mesh_info"]))
+        self.assertEqual(self.alice.garbage, [])
+
+    def test_send_receive_channel_and_check_messages(self):
+        """send_message reaches the other session as a channel notification and check_messages."""
+        text, error = self.owner.call("send_message", to="alice", message="hello from owner")
+        self.assertFalse(error, text)
+        self.assertTrue(text.startswith("✓ alice → "), text)
+        note = self.alice.wait_notification(
+            lambda n: n["method"] == "notifications/claude/channel"
+            and n["params"]["meta"].get("kind") == "direct")
+        params = note["params"]
+        self.assertEqual(params["content"], "owner: hello from owner")
+        meta = params["meta"]
+        self.assertTrue(all(isinstance(v, str) for v in meta.values()), meta)
+        self.assertEqual((meta["from_name"], meta["mesh_slug"], meta["priority"]),
+                         ("owner", "team", "next"))
+        self.assertEqual(meta["message_id"], text.split("→ ")[1].strip())
+        text, error = self.alice.call("check_messages")
+        self.assertFalse(error)
+        self.assertIn("1 new message(s)", text)
+        self.assertIn("[team] from owner (next, ", text)
+        self.assertIn("hello from owner", text)
+        self.assertEqual(self.alice.call("check_messages"), ("No new messages.", False))
+        status, _ = self.owner.call("message_status", id=meta["message_id"])
+        self.assertIn("alice", status)
+        self.assertIn("delivered", status)
+
+    def test_hook_flips_status(self):
+        """claudemesh hook working/idle with the session id flips its status in list_peers."""
+        self.assertIn("[idle]", self.peer_line("alice"))
+        payload = json.dumps({"cwd": "/not/the/mcp/cwd", "session_id": self.alice_session})
+        code, out, err = self.cm("alice", "hook", "working", stdin=payload.encode())
+        self.assertEqual((code, out, err), (0, "", ""))
+        self.wait_for(lambda: "[working]" in self.peer_line("alice"), what="working")
+        code, out, err = self.cm("alice", "hook", "idle", stdin=payload.encode())
+        self.assertEqual((code, out, err), (0, "", ""))
+        self.wait_for(lambda: "[idle]" in self.peer_line("alice"), what="idle")
+
+    def test_kicked_session_tools_say_so(self):
+        """After a kick (4001) every tool of that MCP session returns the kicked message."""
+        self.ok("owner", "kick", "alice")
+        self.wait_for(lambda: self.alice.call("list_peers")[0] == KICKED, what="kicked")
+        for tool, arguments in (("send_message", {"to": "owner", "message": "hi"}),
+                                ("check_messages", {}), ("set_status", {"status": "dnd"}),
+                                ("mesh_info", {})):
+            self.assertEqual(self.alice.call(tool, **arguments), (KICKED, True), tool)
+        note = self.alice.wait_notification(
+            lambda n: n["params"]["meta"].get("event") == "session_ended")
+        self.assertEqual(note["params"]["content"], "[system] " + KICKED)
+        # The owner's session is untouched.
+        self.assertFalse(self.owner.call("list_peers")[1])
+
+    def test_stdin_close_exits_and_leaves(self):
+        """Closing stdin ends the server with 0 and its session leaves the mesh at once."""
+        self.assertEqual(self.alice.close(), 0)
+        self.wait_for(lambda: self.peer_line("alice") is None, timeout=10, what="alice gone")
+
+    def test_two_sessions_one_directory(self):
+        """Two unlaunched sessions of one member in one directory both stay (no eviction)."""
+        self.mcp("alice")
+        self.mcp("alice")
+
+        def alice_lines():
+            text, error = self.owner.call("list_peers")
+            return [] if error else [line for line in text.splitlines()
+                                     if line.startswith("- **alice**")]
+
+        self.wait_for(lambda: len(alice_lines()) == 3, what="three alice sessions")
+        time.sleep(2)
+        self.assertEqual(len(alice_lines()), 3)
+        # The launched session's key is kept on disk; the others' are not.
+        sessions = os.path.join(self.tmp, "alice", "config", "sessions", "team")
+        self.assertEqual(os.listdir(sessions), [self.alice_session + ".json"])
+
+    def test_transcript_drives_status(self):
+        """A tool_use as the last assistant entry of the session's transcript shows as working."""
+        from claudemesh.mcpserver.transcript import project_keys
+
+        folder = os.path.join(self.tmp, "alice", "home", ".claude", "projects",
+                              project_keys(self.alice.workdir)[0])
+        os.makedirs(folder)
+        path = os.path.join(folder, self.alice_session + ".jsonl")
+
+        def write(*content):
+            with open(path, "w") as f:
+                f.write(json.dumps({"type": "user", "message": {"content": "go"}}) + "\n")
+                f.write(json.dumps({"type": "assistant",
+                                    "message": {"content": list(content)}}) + "\n")
+
+        write({"type": "tool_use", "id": "t", "name": "Bash", "input": {}})
+        self.wait_for(lambda: "[working]" in self.peer_line("alice"), what="working")
+        write({"type": "text", "text": "done"})
+        self.wait_for(lambda: "[idle]" in self.peer_line("alice"), what="idle")
