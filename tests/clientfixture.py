@@ -43,9 +43,11 @@ class InProcessBroker:
     A broker listening on an ephemeral port of 127.0.0.1.
     """
 
-    def __init__(self, reactor, directory, **settings):
+    def __init__(self, reactor, directory, make_store=None, **settings):
         self.reactor = reactor
         self.path = os.path.join(directory, "broker.sqlite")
+        # The embedded default; tests of the Postgres store pass their own.
+        self.make_store = make_store or (lambda: SQLiteStore(self.path, self.reactor))
         self.settings = BrokerSettings(**settings)
         self.port = None
         self.store = None
@@ -53,7 +55,7 @@ class InProcessBroker:
 
     @defer.inlineCallbacks
     def start(self):
-        self.store = SQLiteStore(self.path, self.reactor)
+        self.store = self.make_store()
         yield self.store.open()
         self.broker = Broker(self.store, self.reactor, self.settings, BrokerMetrics())
         yield self.broker.store_opened()
@@ -67,15 +69,6 @@ class InProcessBroker:
         self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         self.url = "ws://127.0.0.1:%d/ws" % (self.port.getHost().port,)
         return self
-
-    def draining(self):
-        """
-        Is any session still claiming its queued deliveries? A message sent
-        to a session while it claims can stay queued until its next claim
-        (see the report of issue 5), so tests wait for quiet first.
-        """
-        return any(s.draining for mesh in self.broker._meshes.values()
-                   for s in mesh.sessions.values())
 
     def server_gone(self):
         if not self.factory.live:
