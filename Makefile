@@ -6,6 +6,10 @@
 #   make lint    ruff
 #   make bench   the benchmark (bench/, docs/performance.md); extra arguments
 #                via BENCH=..., e.g. make bench BENCH="--quick burst"
+#   make soak    the long fault and flood runs (soak/, issue 8): crash, store
+#                outage, slow consumer, floods; extra arguments via SOAK=...
+#   make fuzz    the hostile-input suite (tests/test_fuzz.py) with many examples
+#                (FUZZ_EXAMPLES=N, default 2000)
 #   make clean   remove build and test leftovers (keeps the virtualenv)
 #   make distclean   ... and the virtualenv
 #
@@ -16,13 +20,15 @@ VENV ?= .venv
 PYTHON ?= python3
 ARGS ?=
 BENCH ?=
+SOAK ?=
+FUZZ_EXAMPLES ?= 2000
 
 VENV_PYTHON := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.claudemesh-installed
 TEST_STAMP := $(VENV)/.claudemesh-installed-test
 BENCH_STAMP := $(VENV)/.claudemesh-installed-bench
 
-.PHONY: run test lint bench clean distclean
+.PHONY: run test lint bench soak fuzz clean distclean
 
 # The pip that venv bundles (Python >= 3.11) installs editable projects fine.
 $(VENV_PYTHON):
@@ -56,6 +62,13 @@ $(BENCH_STAMP): setup.cfg pyproject.toml | $(VENV_PYTHON)
 # fresh schema per scenario, dropped afterwards).
 bench: $(BENCH_STAMP)
 	$(VENV_PYTHON) -m bench $(BENCH)
+
+# A few minutes; prints its figures and exits 1 if a check failed.
+soak: $(TEST_STAMP)
+	$(VENV_PYTHON) -m soak $(SOAK)
+
+fuzz: $(TEST_STAMP)
+	$(VENV_PYTHON) -m soak --only fuzz --fuzz-examples $(FUZZ_EXAMPLES)
 
 clean:
 	rm -rf _trial_temp _trial_temp.lock build dist *.egg-info .hypothesis .ruff_cache

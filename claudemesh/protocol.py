@@ -301,6 +301,34 @@ def _wire_name(attribute):
     return attribute.name
 
 
+# A JSON escape of a UTF-16 surrogate: only frames holding one are checked
+# for an unpaired one (pairs, as ASCII-only encoders write emoji, are fine).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(value):
+    """
+    Whether a decoded JSON value holds text with an unpaired UTF-16
+    surrogate (JSON allows the escape C{"\\ud800"}). Such text cannot be
+    encoded as UTF-8: echoed in a reply, pushed or stored as a name it would
+    break every frame that carries it, so it is refused as malformed wherever
+    it comes in.
+    """
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+            return False
+        if isinstance(value, dict):
+            return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(has_lone_surrogate(v) for v in value)
+    except UnicodeEncodeError:
+        return True
+    except RecursionError:
+        return True
+    return False
+
+
 def decode(text, max_bytes=None):
     """
     Parse and validate one text frame.
@@ -312,6 +340,9 @@ def decode(text, max_bytes=None):
         obj = json.loads(text)
     except (ValueError, RecursionError):
         raise FrameError("malformed", "frame is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(text) and has_lone_surrogate(obj):
+        # Checked before anything is echoed (the _reqId could hold one).
+        raise FrameError("malformed", "frame holds an unpaired UTF-16 surrogate escape")
     if not isinstance(obj, dict):
         raise FrameError("malformed", "frame must be a JSON object")
     req_id = obj.get("_reqId")

@@ -17,7 +17,9 @@ lease ends without a C{client_ack}. A lease lasts C{lease_seconds}; a session
 that goes away gives its leases back at once.
 """
 
+import collections
 import json
+import random
 import secrets
 import uuid
 
@@ -44,7 +46,17 @@ SHUTDOWN_CLOSE_WAIT = 0.5
 
 
 def new_id() -> str:
-    return secrets.token_hex(16)
+    """
+    A fresh 128-bit identifier as 32 hex characters, from a generator seeded
+    from the system's randomness rather than one system call per id (the hot
+    path makes one per message). Ids need to be unique, not secret: knowing
+    one grants nothing (C{message_status} is scoped to the mesh, and a
+    C{client_ack} only touches the caller's own deliveries).
+    """
+    return "%032x" % _ids.getrandbits(128)
+
+
+_ids = random.Random(secrets.randbits(256))
 
 
 class Refusal(Exception):
@@ -141,6 +153,9 @@ class Session:
         self.inflight = {}
         self.draining = False
         self.drain_again = False
+        # Claimed rows not yet pushed: (connection, rows, lease end, full
+        # batch), while the connection's outbound buffer is full.
+        self.held = None
         # Set by the broker before it closes the connection itself, so the
         # close that follows is not taken for a network drop.
         self.ending = None
@@ -193,6 +208,9 @@ class MeshState:
         self.members = {m.id: m for m in members}
         self.members_by_pubkey = {m.pubkey: m for m in members}
         self.sessions = {}  # presence id -> Session
+        # member id -> {presence id -> Session}: routing looks sessions up by
+        # member once per delivery.
+        self._by_member = {}
         # Session keys seen in this process, so a DM to a session that is away
         # for a while still queues for it: session pubkey -> member id.
         self.session_keys = {}
@@ -217,8 +235,30 @@ class MeshState:
     def live_count(self):
         return sum(1 for s in self.sessions.values() if s.live)
 
+    def add_session(self, session):
+        self.sessions[session.presence_id] = session
+        self._by_member.setdefault(session.member.id, {})[session.presence_id] = session
+
+    def remove_session(self, session):
+        """
+        Forget a session; C{False} when it was not here.
+        """
+        if self.sessions.pop(session.presence_id, None) is None:
+            return False
+        of_member = self._by_member.get(session.member.id)
+        if of_member is not None:
+            of_member.pop(session.presence_id, None)
+            if not of_member:
+                del self._by_member[session.member.id]
+        return True
+
+    def clear_sessions(self):
+        self.sessions.clear()
+        self._by_member.clear()
+
     def sessions_of(self, member_id):
-        return [s for s in self.sessions.values() if s.member.id == member_id]
+        of_member = self._by_member.get(member_id)
+        return list(of_member.values()) if of_member else []
 
 
 class Broker(service.Service):
@@ -279,7 +319,7 @@ class Broker(service.Service):
                     connection.close(protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTTING_DOWN)
                     closing += 1
                 self.writes.close_session(session.presence_id, now)
-            mesh.sessions.clear()
+            mesh.clear_sessions()
         if self.metrics is not None:
             self.metrics.connections_active.set(0)
         d = self.writes.flushed()
@@ -449,8 +489,8 @@ class Broker(service.Service):
         session (in grace, or replaced) took the connection.
         """
         existing = None
-        for s in mesh.sessions.values():
-            if s.member.id == member.id and s.session_id == hello.sessionId:
+        for s in mesh.sessions_of(member.id):
+            if s.session_id == hello.sessionId:
                 existing = s
                 break
         if existing is not None:
@@ -462,6 +502,7 @@ class Broker(service.Service):
                 # sibling) once the release is stored.
                 self._release_and_drain(existing)
                 existing.inflight.clear()
+                self._drop_held(existing)
                 old.close(protocol.CLOSE_NORMAL, protocol.REASON_SESSION_REPLACED)
                 if self.metrics is not None:
                     self.metrics.connections_active.dec()
@@ -488,7 +529,7 @@ class Broker(service.Service):
 
         session = Session(mesh, member, hello, new_id(), now, display_name)
         session.connection = connection
-        mesh.sessions[session.presence_id] = session
+        mesh.add_session(session)
         if session.session_pubkey:
             mesh.session_keys[session.session_pubkey] = member.id
         self._apply_pending_hook(session)
@@ -528,6 +569,7 @@ class Broker(service.Service):
             self.metrics.connections_active.dec()
         ending = session.ending
         session.inflight.clear()
+        self._drop_held(session)
         if (ending is not None and ending != "grace") or (clean and ending is None):
             self._end_session(session)
             return
@@ -555,7 +597,7 @@ class Broker(service.Service):
 
     def _end_session(self, session):
         mesh = session.mesh
-        if mesh.sessions.pop(session.presence_id, None) is None:
+        if not mesh.remove_session(session):
             return
         if session.grace_call is not None and session.grace_call.active():
             session.grace_call.cancel()
@@ -853,8 +895,8 @@ class Broker(service.Service):
         once the message is committed.
         """
         best = None
-        for s in mesh.sessions.values():
-            if s.member.id != member_id or not s.live or not s.receive or s is sender:
+        for s in mesh.sessions_of(member_id):
+            if not s.live or not s.receive or s is sender:
                 continue
             if session_pubkey is not None and s.session_pubkey != session_pubkey:
                 continue
@@ -933,25 +975,65 @@ class Broker(service.Service):
                     self._release_and_drain(session)
                 return None
             lease_until = now + self.settings.lease_seconds * 1000
-            for row in rows:
-                if row.attempts > 1 and self.metrics is not None:
-                    self.metrics.redeliveries.inc()
-                session.inflight[row.message_id] = (row.recipient_key, lease_until)
-                connection.send_encoded(protocol.encode(_push_frame(
-                    row.message_id, row.mesh_id, row.sender_pubkey, row.sender_member_pubkey,
-                    row.target_spec, row.priority, row.nonce, row.ciphertext,
-                    row.created_at, row.seq)))
-                if self.metrics is not None:
-                    self.metrics.pushes.inc()
-            if len(rows) >= CLAIM_BATCH or session.drain_again:
-                return self._drain(session)
-            return None
+            # Still draining until every row is pushed: a fresh message must
+            # not overtake the ones held here.
+            session.draining = True
+            session.held = (connection, collections.deque(rows), lease_until,
+                            len(rows) >= CLAIM_BATCH)
+            return self._push_held(session)
 
         def failed(f):
             session.draining = False
             self._log.failure("claiming deliveries failed", f)
 
         return d.addCallbacks(claimed, failed)
+
+    def _push_held(self, session):
+        """
+        Push the claimed rows of C{session} while its connection takes them.
+        A connection whose outbound buffer is full (C{paused}: the peer reads
+        slower than a claim batch arrives) gets the rest when it drained
+        (L{connection_writable}); the next batch is claimed only after. So a
+        peer that reads fine is never taken for a slow consumer because its
+        backlog is large, and memory stays bounded by one claim batch.
+        """
+        connection, rows, lease_until, full = session.held
+        while rows:
+            if getattr(connection, "paused", False):
+                return None
+            row = rows.popleft()
+            if row.attempts > 1 and self.metrics is not None:
+                self.metrics.redeliveries.inc()
+            session.inflight[row.message_id] = (row.recipient_key, lease_until)
+            connection.send_encoded(protocol.encode(_push_frame(
+                row.message_id, row.mesh_id, row.sender_pubkey, row.sender_member_pubkey,
+                row.target_spec, row.priority, row.nonce, row.ciphertext,
+                row.created_at, row.seq)))
+            if self.metrics is not None:
+                self.metrics.pushes.inc()
+        session.held = None
+        session.draining = False
+        if full or session.drain_again:
+            return self._drain(session)
+        return None
+
+    def connection_writable(self, session):
+        """
+        The connection of C{session} drained its outbound buffer: push the
+        claimed rows still held for it.
+        """
+        held = session.held
+        if held is not None and held[0] is session.connection:
+            self._push_held(session)
+
+    def _drop_held(self, session):
+        """
+        The connection the held rows were for is gone; their leases are
+        released with the session's.
+        """
+        if session.held is not None:
+            session.held = None
+            session.draining = False
 
     def client_ack(self, session, frame):
         self.touch(session)

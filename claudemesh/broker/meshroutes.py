@@ -20,6 +20,7 @@ from claudemesh import protocol
 from claudemesh.broker.core import Refusal
 from claudemesh.broker.hook import json_response
 from claudemesh.broker.membership import token_matches
+from claudemesh.protocol import has_lone_surrogate
 
 FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 
@@ -61,9 +62,12 @@ class _JSONPost(resource.Resource):
             return json_response(request, 413, {"error": "payload too large"})
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return json_response(request, 400, {"error": "malformed",
                                                 "message": "body is not valid JSON"})
+        if has_lone_surrogate(document):
+            return json_response(request, 400, {"error": "malformed",
+                                                "message": "body holds an unpaired surrogate"})
         d = defer.maybeDeferred(self.answer, request, document)
 
         def done(result):

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import re
 import secrets
+import signal
 import tempfile
 from urllib.parse import urlsplit
 
@@ -645,5 +646,17 @@ def makeService(config, reactor=None):
     sweeper.setName("retention")
     sweeper.setServiceParent(top)
 
+    # twistd re-raises the signal that stopped it, so even a complete
+    # graceful shutdown would end as "killed by SIGTERM"; by the "after"
+    # phase the sessions are closed and the writes flushed: exit 0.
+    add_trigger = getattr(reactor, "addSystemEventTrigger", None)
+    if add_trigger is not None:
+        add_trigger("after", "shutdown", _exit_zero_after_sigterm, reactor)
+
     _log_startup(config, describe_store(config["database-url"], config["data-dir"]))
     return top
+
+
+def _exit_zero_after_sigterm(reactor):
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None

@@ -70,6 +70,14 @@ class BrokerServerProtocol(WebSocketServerProtocol):
 
     # -- IPeerConnection ---------------------------------------------------------
 
+    @property
+    def paused(self):
+        """
+        Whether the outbound buffer is full (the core then holds back what
+        it can: claimed deliveries wait for L{_Backpressure.resumeProducing}).
+        """
+        return self._paused
+
     def send(self, frame):
         self.send_encoded(protocol.encode(frame))
 
@@ -175,7 +183,14 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._error(protocol.FrameError(
                 "invalid", "hello already done on this connection", frame_req_id(frame)))
             return
-        part, name = AFTER_HELLO[frame.TYPE]
+        route = AFTER_HELLO.get(frame.TYPE)
+        if route is None:
+            # join: only before hello (found by tests/test_fuzz.py).
+            self._error(protocol.FrameError(
+                "invalid", "%s is only accepted before hello" % (frame.TYPE,),
+                frame_req_id(frame)))
+            return
+        part, name = route
         method = getattr(broker if part == "broker" else broker.membership, name)
         d = defer.maybeDeferred(method, session, frame)
         d.addCallbacks(self._reply, self._refused, callbackArgs=(frame,),
@@ -281,8 +296,15 @@ class _Backpressure:
         self._protocol._paused = True
 
     def resumeProducing(self):
-        self._protocol._paused = False
-        self._protocol._paused_bytes = 0
+        protocol_ = self._protocol
+        protocol_._paused = False
+        protocol_._paused_bytes = 0
+        session = protocol_._session
+        if session is not None:
+            try:
+                protocol_.factory.broker.connection_writable(session)
+            except Exception:
+                protocol_._log.failure("pushing held deliveries failed")
 
     def stopProducing(self):
         pass
