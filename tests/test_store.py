@@ -8,12 +8,13 @@ reactor; the Postgres ones skip when no server is reachable (see C{tests.pg}).
 """
 
 import itertools
+import sqlite3
 import os
 import stat
 import time
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from claudemesh.audit import GENESIS, chain_hash
@@ -1093,6 +1094,60 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.assertGreater(failures, 0)
         self.assertEqual(found, [mesh] * 8)
         self.flushLoggedErrors()
+
+
+class SchemaUpgradeTests(TestCase):
+    """
+    A database created by an older claudemesh is upgraded in place at open.
+    """
+
+    def indexes(self, connection_rows):
+        return sorted(name for (name,) in connection_rows if name.startswith("deliveries_"))
+
+    @defer.inlineCallbacks
+    def test_sqlite_v1_to_current(self):
+        """A version-1 SQLite file is upgraded: new indexes, data kept, version recorded."""
+        path = os.path.join(self.mktemp() + ".sqlite3")
+        connection = sqlite3.connect(path)
+        for statement in split_statements(full_schema(1)):
+            connection.execute(statement)
+        connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+        connection.execute("INSERT INTO meshes VALUES ('m1', 'Team', 'team', 'k', 1)")
+        connection.commit()
+        connection.close()
+        store = SQLiteStore(path, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        self.assertEqual((yield store.get_mesh("m1")).name, "Team")
+        connection = sqlite3.connect(path)
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.execute("SELECT version FROM schema_version").fetchall(),
+                         [(CURRENT_VERSION,)])
+        names = self.indexes(connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'").fetchall())
+        self.assertIn("deliveries_lease", names)
+        self.assertNotIn("deliveries_expiry", names)
+
+    @defer.inlineCallbacks
+    def test_postgres_v1_to_current(self):
+        """A version-1 Postgres schema is upgraded the same way."""
+        if PG_SKIP:
+            raise SkipTest(PG_SKIP)
+        schema = pg.new_schema()
+        self.addCleanup(pg.drop_schema, PG_DSN, schema)
+        pg.run(PG_DSN, 'CREATE SCHEMA "%s"' % (schema,))
+        script = "SET search_path TO \"%s\"; " % (schema,) + ";\n".join(
+            split_statements(full_schema(1))) + "; INSERT INTO schema_version VALUES (1)"
+        pg.run(PG_DSN, script)
+        store = PostgresStore(PG_DSN, schema, reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        rows = pg.run(PG_DSN, 'SELECT version FROM "%s".schema_version' % (schema,))
+        self.assertEqual(rows, [(CURRENT_VERSION,)])
+        names = self.indexes(pg.run(
+            PG_DSN, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)))
+        self.assertIn("deliveries_lease", names)
+        self.assertNotIn("deliveries_expiry", names)
 
 
 class SchemaFileTests(TestCase):

@@ -263,7 +263,10 @@ def claimable_where(member_id, session_pubkey, groups, priorities, now, alias="d
     params.extend([now, now])
     sql = (
         "%s AND %s.priority IN (%s) AND %s.expires_at > %%s"
-        " AND (%s.state = 'queued' OR (%s.state = 'leased' AND %s.lease_until <= %%s))"
+        # state IN (...) first: it lets the (member_id, state, seq) and
+        # (recipient_key, state, seq) indexes skip delivered history.
+        " AND %s.state IN ('queued', 'leased')"
+        " AND (%s.state = 'queued' OR %s.lease_until <= %%s)"
         % (who, d, placeholders(len(priorities)), d, d, d, d)
     )
     return sql, tuple(params)
@@ -555,13 +558,19 @@ class SQLStore:
         # Existing send keys of the whole batch, in one query per CHUNK.
         known = {}
         for chunk in chunks(keys):
+            senders = sorted({sender for sender, _ in chunk})
+            client_ids = sorted({client_id for _, client_id in chunk})
+            # The plain IN lists let both databases search the primary key;
+            # the row-value test alone made SQLite scan the whole table.
             rows = yield Query(
                 "SELECT k.sender_member_id, k.client_id, k.message_id,"
                 " k.expires_at, m.seq FROM send_keys k"
                 " LEFT JOIN messages m ON m.id = k.message_id"
-                " WHERE (k.sender_member_id, k.client_id) IN (VALUES %s)"
-                % (placeholders(len(chunk), 2),),
-                flatten(chunk),
+                " WHERE k.sender_member_id IN (%s) AND k.client_id IN (%s)"
+                " AND (k.sender_member_id, k.client_id) IN (VALUES %s)"
+                % (placeholders(len(senders)), placeholders(len(client_ids)),
+                   placeholders(len(chunk), 2)),
+                tuple(senders) + tuple(client_ids) + flatten(chunk),
             )
             for sender, client_id, message_id, expires_at, seq in rows:
                 known[(sender, client_id)] = (message_id, int(expires_at), seq)
@@ -713,13 +722,16 @@ class SQLStore:
     def _ack_deliveries(self, acks, now):
         confirmed = 0
         for chunk in chunks(set(acks)):
+            message_ids = sorted({message_id for message_id, _ in chunk})
+            # message_id IN (...) lets the primary key find the rows.
             confirmed += yield Execute(
                 "UPDATE deliveries SET state = 'delivered', acked_at = %%s,"
                 " lease_until = NULL"
-                " WHERE (message_id, recipient_key) IN (VALUES %s)"
+                " WHERE message_id IN (%s)"
+                " AND (message_id, recipient_key) IN (VALUES %s)"
                 " AND state IN ('queued', 'leased')"
-                % (placeholders(len(chunk), 2),),
-                (now,) + flatten(chunk),
+                % (placeholders(len(message_ids)), placeholders(len(chunk), 2)),
+                (now,) + tuple(message_ids) + flatten(chunk),
             )
         return confirmed
 

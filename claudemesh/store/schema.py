@@ -20,7 +20,7 @@ from importlib import resources
 from claudemesh.store._sql import Execute, Query
 from claudemesh.store.interface import SchemaTooNew, StoreError
 
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
 
 # The table whose single row holds the version number.
 VERSION_TABLE = "schema_version"

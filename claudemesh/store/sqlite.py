@@ -220,11 +220,12 @@ class SQLiteStore(SQLStore):
         if not rows:
             return []
         keys = [(row[0], row[1]) for row in rows]
+        message_ids = sorted({message_id for message_id, _ in keys})
         yield Execute(
             "UPDATE deliveries SET state = 'leased', lease_session = %%s,"
             " lease_until = %%s, attempts = attempts + 1"
-            " WHERE (message_id, recipient_key) IN (VALUES %s)"
-            % (placeholders(len(keys), 2),),
-            (presence_id, now + lease_ms) + flatten(keys),
+            " WHERE message_id IN (%s) AND (message_id, recipient_key) IN (VALUES %s)"
+            % (placeholders(len(message_ids)), placeholders(len(keys), 2)),
+            (presence_id, now + lease_ms) + tuple(message_ids) + flatten(keys),
         )
         return [claimed_from_row(row, attempts_delta=1) for row in rows]
