@@ -8,8 +8,8 @@ reactor; the Postgres ones skip when no server is reachable (see C{tests.pg}).
 """
 
 import itertools
-import sqlite3
 import os
+import sqlite3
 import stat
 import time
 
