@@ -4,7 +4,7 @@ the broker's protocol for the load generator.
 
 It mounts the same Autobahn factory options at the same path (``/ws`` in a
 ``twisted.web`` site, configured by
-:func:`claudemesh.broker.web.configure_ws_factory`), parses every frame with
+:func:`claudemesh.broker.ws.configure_ws_factory`), parses every frame with
 ``json.loads`` and encodes every reply with the broker's
 :func:`claudemesh.protocol.encode`, so what it measures is the stack
 (Twisted, Autobahn, JSON) without the broker's logic and storage:
@@ -41,7 +41,7 @@ from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Site  # noqa: E402
 
 from claudemesh.broker.settings import BrokerSettings  # noqa: E402
-from claudemesh.broker.web import configure_ws_factory  # noqa: E402
+from claudemesh.broker.ws import configure_ws_factory  # noqa: E402
 from claudemesh.protocol import encode  # noqa: E402
 
 

@@ -492,7 +492,8 @@ class Peer:
 
     @property
     def open(self):
-        return self.client is not None and self.client.close_info is None
+        return (self.client is not None and self.client.close_info is None
+                and self.client.state == self.client.STATE_OPEN)
 
     def _frame(self, frame):
         for listener in self.listeners:

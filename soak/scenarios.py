@@ -53,11 +53,12 @@ def wait_until(reactor, condition, timeout, interval=0.05):
 
 @defer.inlineCallbacks
 def crash_run(reactor, workdir, messages=600, kill_after=150, chunk=60, interval=0.005,
-              rate_per_min=30_000, burst=50, deliver_timeout=30.0):
+              rate_per_min=30_000, burst=2000, deliver_timeout=30.0):
     """
-    A sender bursts C{messages} DMs at an online recipient (the send rate
-    limit refuses some: C{queued:false}); after C{kill_after} C{queued:true}
-    acks the broker gets C{kill -9}. Restarted on the same data directory,
+    A sender bursts C{messages} DMs at an online recipient (past the burst
+    the send rate limit refuses some: C{queued:false}, until the refusals
+    close the sender 1008 flood); after C{kill_after} C{queued:true} acks, or
+    once the sender is closed, the broker gets C{kill -9}. Restarted on the same data directory,
     the recipient reconnects. Figures: what was sent, acknowledged, refused,
     in flight, delivered, and the three checks: C{lost} (acknowledged, not
     delivered), C{phantom} (delivered, neither acknowledged nor in flight),
@@ -92,6 +93,9 @@ def crash_run(reactor, workdir, messages=600, kill_after=150, chunk=60, interval
         sent = []
         while len(sent) < messages and not killed and sender.open:
             for _ in range(min(chunk, messages - len(sent))):
+                if not sender.open:
+                    # Closed 1008 flood: it kept sending past its rate limit.
+                    break
                 n = len(sent)
                 sender.send_dm(bob_member, "crash-%d" % (n,), "c%d" % (n,))
                 sent.append(str(n))
@@ -99,7 +103,7 @@ def crash_run(reactor, workdir, messages=600, kill_after=150, chunk=60, interval
         if not killed:
             # Everything went out before enough acks came: kill as soon as
             # they have (or now, if they never do).
-            yield wait_until(reactor, lambda: bool(killed), 10)
+            yield wait_until(reactor, lambda: bool(killed) or not sender.open, 10)
             if not killed:
                 killed["at"] = reactor.seconds()
         status = yield broker.kill()

@@ -311,3 +311,30 @@ def _until(condition, timeout=10.0):
             raise AssertionError("condition not met within %s s" % (timeout,))
         yield task.deferLater(reactor, 0.02, lambda: None)
         waited += 0.02
+
+
+class FloodPenaltyTests(unittest.TestCase):
+    def test_penalty_refuses_then_lapses(self):
+        """An address penalised for flooding is refused for the penalty, then admitted again."""
+        clock = task.Clock()
+        limits = AddressLimits(clock, 10, 10)
+        limits.penalise("203.0.113.7", 10)
+        self.assertEqual(limits.admit("203.0.113.7"), "flood")
+        self.assertIsNone(limits.admit("203.0.113.8"))
+        clock.advance(10)
+        self.assertIsNone(limits.admit("203.0.113.7"))
+
+    def test_no_penalty_when_limits_off(self):
+        """With per-address limits off, a penalty is not applied (every client may share one)."""
+        limits = AddressLimits(task.Clock(), 0, 0)
+        limits.penalise("10.0.0.1", 10)
+        self.assertIsNone(limits.admit("10.0.0.1"))
+
+    def test_sweep_forgets_lapsed(self):
+        """The sweep forgets lapsed penalties."""
+        clock = task.Clock()
+        limits = AddressLimits(clock, 10, 10)
+        limits.penalise("203.0.113.7", 10)
+        clock.advance(11)
+        limits.sweep()
+        self.assertEqual(limits._penalties, {})

@@ -309,6 +309,24 @@ class DeliveryOverTheWireTests(WireTestCase):
         self.assertUnchanged(before)
 
 
+class SendFloodTests(WireTestCase):
+    def test_rate_limited_sends_count_as_flood(self):
+        """A sender going on past its rate limit is closed 1008 flood after 100 refusals."""
+        alice = self.hello(self.alice)
+        nonce, ciphertext = crypto.encrypt_direct(self.alice.identity, self.bob.pubkey, b"x")
+        for i in range(10 + 99):
+            alice.send({"type": "send", "id": "f%d" % i, "targetSpec": self.bob.pubkey,
+                        "nonce": nonce, "ciphertext": ciphertext})
+        acks = [f for f in alice.frames if f["type"] == "ack"]
+        self.assertEqual(sum(a["queued"] for a in acks), 10)
+        self.assertIsNone(alice.client.close_info)
+        alice.send({"type": "send", "id": "last", "targetSpec": self.bob.pubkey,
+                    "nonce": nonce, "ciphertext": ciphertext})
+        self.assertEqual(alice.client.close_info, (True, 1008, "flood"))
+        # What was accepted stays accepted.
+        self.assertEqual(result_of(self.fx.store.count_queued()), 10)
+
+
 class LivenessTests(WireTestCase):
     settings = {"auto_ping_interval": 30, "auto_ping_timeout": 75}
 

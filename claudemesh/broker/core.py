@@ -422,7 +422,7 @@ class Broker(service.Service):
         policy = protocol.CLOSE_POLICY
 
         def refuse(code, message):
-            self._count_rejected(code)
+            self.count_rejected(code)
             return Refusal(code, message, close=(policy, code))
 
         if hello.sessionPubkey is not None and not crypto.is_pubkey(hello.sessionPubkey):
@@ -446,7 +446,7 @@ class Broker(service.Service):
         if member is None or member.id != hello.memberId:
             raise refuse("unauthorized", "pubkey not found in mesh")
         if member.revoked_at is not None:
-            self._count_rejected("revoked")
+            self.count_rejected("revoked")
             raise Refusal("revoked", revoked_message(mesh.name),
                           close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
         if hello.sessionPubkey is not None:
@@ -1168,7 +1168,7 @@ class Broker(service.Service):
 
     # -- metrics -------------------------------------------------------------------
 
-    def _count_rejected(self, reason):
+    def count_rejected(self, reason):
         if self.metrics is not None:
             self.metrics.connections_rejected.labels(reason).inc()
 

@@ -1,8 +1,10 @@
 """
 Per-address limits, applied before the WebSocket upgrade: open connections
 per address (C{--max-connections-per-ip}) and new connections per address and
-second (C{--hello-rate-per-ip}). A refusal is an HTTP 429 answer to the
-upgrade request, so a flood costs the broker no WebSocket session.
+second (C{--hello-rate-per-ip}), and a 10 s ban on new connections from an
+address one of whose connections was closed for flooding. A refusal is an
+HTTP 429 answer to the upgrade request, so a flood costs the broker no
+WebSocket session.
 
 The address is the TCP peer's, unless that peer is a trusted proxy
 (C{--trusted-proxy}): then it is the last address its C{X-Forwarded-For}
@@ -28,17 +30,40 @@ def peer_host(peer):
 
 class AddressLimits:
     def __init__(self, clock, max_connections, hello_rate_per_second, trusted_proxies=()):
+        self._clock = clock
         self._max = max_connections
         self._rate = TokenBuckets(clock, hello_rate_per_second, hello_rate_per_second * 60)
         self._proxies = tuple(ipaddress.ip_network(p) for p in trusted_proxies)
         self._open = {}
+        # address -> time until which its new connections are refused.
+        self._penalties = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._max) or self._rate.enabled
+
+    def penalise(self, address, seconds):
+        """
+        Refuse new connections from C{address} for C{seconds}: one of its
+        connections was closed for flooding, and reconnecting to flood again
+        should cost the broker no more than a 429. Only while per-address
+        limits are on (behind an untrusted proxy every client shares one
+        address, and the operator turned them off for that reason).
+        """
+        if self.enabled:
+            self._penalties[address] = self._clock.seconds() + seconds
 
     def client_address(self, peer, forwarded_for):
         """
         The address the limits count: the peer's, or the one a trusted proxy
         says it serves.
         """
-        host = peer_host(peer)
+        return self.address_of(peer_host(peer), forwarded_for)
+
+    def address_of(self, host, forwarded_for):
+        """
+        L{client_address} for a peer's host.
+        """
         if forwarded_for and self._trusted(host):
             hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
             if hops:
@@ -59,6 +84,11 @@ class AddressLimits:
         Count a new connection from C{address}, or say why it is refused
         (C{"too_many_connections"} or C{"rate_limited"}).
         """
+        until = self._penalties.get(address)
+        if until is not None:
+            if self._clock.seconds() < until:
+                return "flood"
+            del self._penalties[address]
         if self._max and self._open.get(address, 0) >= self._max:
             return "too_many_connections"
         if not self._rate.take(address):
@@ -78,3 +108,6 @@ class AddressLimits:
 
     def sweep(self):
         self._rate.sweep()
+        now = self._clock.seconds()
+        for address in [a for a, until in self._penalties.items() if until <= now]:
+            del self._penalties[address]

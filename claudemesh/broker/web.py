@@ -31,6 +31,11 @@ from twisted.web.server import NOT_DONE_YET, Site
 from claudemesh import __version__
 from claudemesh.broker.hook import HookStatusResource
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
+from claudemesh.broker.ws import (
+    AdmittingWebSocketResource,
+    BrokerServerFactory,
+    configure_ws_factory,
+)
 from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -378,33 +383,6 @@ class BrokerSite(Site):
         """
 
 
-def configure_ws_factory(factory, settings):
-    """
-    Apply the broker's WebSocket options to an Autobahn server factory (the
-    stub one here and the real one of L{claudemesh.broker.ws}).
-
-    @param factory: a L{WebSocketServerFactory}.
-    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
-    """
-    factory.setProtocolOptions(
-        # Liveness (DESIGN 4.3): ping every 30 s, drop a peer silent for 75 s.
-        autoPingInterval=settings.auto_ping_interval,
-        autoPingTimeout=settings.auto_ping_timeout,
-        # Autobahn drops TCP on a protocol violation by default, which the
-        # peer sees as 1006; we want it to see the real 1008/1009 close.
-        failByDrop=False,
-        maxMessagePayloadSize=settings.max_message_bytes,
-        maxFramePayloadSize=settings.max_message_bytes,
-        # The protocol decodes every text frame itself (and answers `error
-        # malformed` when it is not UTF-8); a second validation pass in
-        # Autobahn costs CPU on every frame for nothing.
-        utf8validateIncoming=False,
-        # A plain GET /ws gets "426 Upgrade Required" instead of Autobahn's
-        # HTML status page (which also advertises the Autobahn version).
-        webStatus=False,
-    )
-
-
 def make_ws_factory(settings, reactor, protocol=UnwiredBrokerProtocol):
     """
     Build the WebSocket server factory mounted at C{/ws}.
@@ -461,7 +439,11 @@ def make_site(health, clock, settings, registry=None, ws_factory=None, broker=No
     health_resource.putChild(b"ready", ReadinessResource(health, clock, started_at))
     root.putChild(b"health", health_resource)
     root.putChild(b"metrics", MetricsResource(registry))
-    root.putChild(b"ws", WebSocketResource(ws_factory))
+    if isinstance(ws_factory, BrokerServerFactory):
+        # The broker's own factory: per-address limits before the upgrade.
+        root.putChild(b"ws", AdmittingWebSocketResource(ws_factory))
+    else:
+        root.putChild(b"ws", WebSocketResource(ws_factory))
     if broker is not None:
         hook = NotFoundResource()
         hook.putChild(b"set-status", HookStatusResource(broker, settings.max_message_bytes))

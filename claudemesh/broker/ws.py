@@ -5,16 +5,18 @@ L{claudemesh.broker.core}.
 
 Every frame is answered when it is wrong: C{error malformed} naming the
 field, C{error unknown_type}, C{error no_hello} before a successful hello. A
-connection that keeps sending bad frames (L{ERROR_FLOOD_COUNT} errors within
-L{ERROR_FLOOD_SECONDS}) is closed with 1008 C{flood}; a frame larger than the
+connection that keeps sending bad frames, or sends refused by its rate limit
+(L{ERROR_FLOOD_COUNT} within L{ERROR_FLOOD_SECONDS}), is closed with 1008
+C{flood}; a frame larger than the
 configured maximum is closed by Autobahn with 1009.
 """
 
 import collections
 
+from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,10 +24,12 @@ from zope.interface import implementer
 from claudemesh import __version__, protocol
 from claudemesh.broker.core import IPeerConnection, Refusal
 from claudemesh.broker.limits import AddressLimits
-from claudemesh.broker.web import configure_ws_factory
 
 ERROR_FLOOD_COUNT = 100
 ERROR_FLOOD_SECONDS = 10.0
+# How long an address that flooded is refused new connections (HTTP 429).
+FLOOD_PENALTY_SECONDS = 10.0
+LIMITS_SWEEP_SECONDS = 60.0
 
 # Frames accepted after a successful hello: type -> (part of the core, method).
 AFTER_HELLO = {
@@ -110,15 +114,18 @@ class BrokerServerProtocol(WebSocketServerProtocol):
     # -- Autobahn callbacks ------------------------------------------------------
 
     def onConnect(self, request):
-        limits = self.factory.limits
-        address = limits.client_address(request.peer, request.headers.get("x-forwarded-for"))
-        refusal = limits.admit(address)
-        if refusal is not None:
-            self.factory.broker._count_rejected(refusal)
-            # Answered as HTTP 429 before the upgrade.
-            raise ConnectionDeny(429, refusal)
-        self._address = address
-        self.peer_address = address
+        if self._address is None:
+            # Not admitted by AdmittingWebSocketResource (a factory used on
+            # its own): check the limits here, as Autobahn's refusal.
+            limits = self.factory.limits
+            address = limits.client_address(request.peer, request.headers.get("x-forwarded-for"))
+            refusal = limits.admit(address)
+            if refusal is not None:
+                self.factory.broker.count_rejected(refusal)
+                # Answered as HTTP 429 before the upgrade.
+                raise ConnectionDeny(429, refusal)
+            self._address = address
+        self.peer_address = self._address
         return None
 
     def onOpen(self):
@@ -255,6 +262,11 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         if req_id is not None:
             result["_reqId"] = req_id
         self.send(result)
+        if result.get("queued") is False and result.get("error", "").startswith("rate_limit"):
+            # A sender that keeps going past its rate limit is flooding: its
+            # refused sends count toward the same 1008 close as bad frames,
+            # so it stops costing the broker (and its peers) every frame.
+            self._count_error()
 
     def _refused(self, f, frame):
         f.trap(Refusal)
@@ -273,13 +285,49 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         if error.send_id is not None:
             reply["id"] = error.send_id
         self.send(reply)
+        self._count_error()
+
+    def _count_error(self):
+        """
+        Count one refused frame; past L{ERROR_FLOOD_COUNT} within
+        L{ERROR_FLOOD_SECONDS} the connection is closed 1008 C{flood}.
+        """
         now = self.factory.clock.seconds()
         errors = self._errors
         errors.append(now)
         while errors and errors[0] <= now - ERROR_FLOOD_SECONDS:
             errors.popleft()
         if len(errors) >= ERROR_FLOOD_COUNT:
+            if self._address is not None:
+                self.factory.limits.penalise(self._address, FLOOD_PENALTY_SECONDS)
             self.close(protocol.CLOSE_POLICY, protocol.REASON_FLOOD)
+
+
+def configure_ws_factory(factory, settings):
+    """
+    Apply the broker's WebSocket options to an Autobahn server factory (the
+    stub one here and the real one of L{claudemesh.broker.ws}).
+
+    @param factory: a L{WebSocketServerFactory}.
+    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
+    """
+    factory.setProtocolOptions(
+        # Liveness (DESIGN 4.3): ping every 30 s, drop a peer silent for 75 s.
+        autoPingInterval=settings.auto_ping_interval,
+        autoPingTimeout=settings.auto_ping_timeout,
+        # Autobahn drops TCP on a protocol violation by default, which the
+        # peer sees as 1006; we want it to see the real 1008/1009 close.
+        failByDrop=False,
+        maxMessagePayloadSize=settings.max_message_bytes,
+        maxFramePayloadSize=settings.max_message_bytes,
+        # The protocol decodes every text frame itself (and answers `error
+        # malformed` when it is not UTF-8); a second validation pass in
+        # Autobahn costs CPU on every frame for nothing.
+        utf8validateIncoming=False,
+        # A plain GET /ws gets "426 Upgrade Required" instead of Autobahn's
+        # HTML status page (which also advertises the Autobahn version).
+        webStatus=False,
+    )
 
 
 @implementer(IPushProducer)
@@ -310,6 +358,46 @@ class _Backpressure:
         pass
 
 
+class AdmittingWebSocketResource(WebSocketResource):
+    """
+    C{/ws}: the per-address limits are checked on the HTTP request, and a
+    refusal answered 429 by twisted.web, before Autobahn takes the connection
+    over (and parses the handshake again): a flood of upgrades costs as little
+    as a flood of plain requests.
+    """
+
+    def __init__(self, factory):
+        WebSocketResource.__init__(self, factory)
+        self._ws_factory = factory
+
+    def render(self, request):
+        factory = self._ws_factory
+        forwarded = request.getHeader(b"x-forwarded-for")
+        address = factory.limits.address_of(
+            getattr(request.getClientAddress(), "host", "unix"),
+            forwarded.decode("latin-1") if forwarded else None)
+        refusal = factory.limits.admit(address)
+        if refusal is not None:
+            factory.broker.count_rejected(refusal)
+            request.setResponseCode(429)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"connection", b"close")
+            # A refused client gets its answer and loses the connection, as
+            # a refused upgrade should (twisted.web would keep it alive).
+            channel = request.channel
+            request.notifyFinish().addBoth(lambda _: channel.loseConnection())
+            return b'{"error":"%s"}' % (refusal.encode("ascii"),)
+        # Autobahn builds the protocol within this call: it takes the count.
+        factory.admitted = address
+        try:
+            return WebSocketResource.render(self, request)
+        finally:
+            if factory.admitted is not None:
+                # No protocol took it (the upgrade did not start).
+                factory.limits.release(address)
+            factory.admitted = None
+
+
 def frame_req_id(frame):
     return getattr(frame, "_reqId", None)
 
@@ -332,3 +420,26 @@ class BrokerServerFactory(WebSocketServerFactory):
         self.limits = AddressLimits(clock, settings.max_connections_per_ip,
                                     settings.hello_rate_per_ip, settings.trusted_proxies)
         configure_ws_factory(self, settings)
+        self._limits_sweep = None
+        # An address admitted by AdmittingWebSocketResource, for the protocol
+        # built next.
+        self.admitted = None
+
+    def buildProtocol(self, addr):
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        protocol._address, self.admitted = self.admitted, None
+        return protocol
+
+    def startFactory(self):
+        WebSocketServerFactory.startFactory(self)
+        # Forget per-address state of addresses gone quiet, so memory stays
+        # bounded by the active ones.
+        self._limits_sweep = task.LoopingCall(self.limits.sweep)
+        self._limits_sweep.clock = self.clock
+        self._limits_sweep.start(LIMITS_SWEEP_SECONDS, now=False)
+
+    def stopFactory(self):
+        if self._limits_sweep is not None and self._limits_sweep.running:
+            self._limits_sweep.stop()
+        self._limits_sweep = None
+        WebSocketServerFactory.stopFactory(self)
