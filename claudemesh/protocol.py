@@ -447,11 +447,17 @@ class ListMembers:
     _reqId = field(_REQ_ID, None)
 
 
+@attr.s(frozen=True, slots=True)
 class _Selection:
     """
     C{disconnect} and C{kick} take exactly one of C{target}, C{stale} (ms of
     silence) or C{all}.
     """
+
+    target = field(_text(MAX_TARGET_LENGTH, 1), None)
+    stale = field(_integer(1), None)
+    all = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
 
     def __attrs_post_init__(self):
         chosen = [self.target is not None, self.stale is not None, bool(self.all)]
@@ -463,18 +469,12 @@ class _Selection:
 
 @frame("disconnect")
 class Disconnect(_Selection):
-    target = field(_text(MAX_TARGET_LENGTH, 1), None)
-    stale = field(_integer(1), None)
-    all = field(_boolean, False)
-    _reqId = field(_REQ_ID, None)
+    pass
 
 
 @frame("kick")
 class Kick(_Selection):
-    target = field(_text(MAX_TARGET_LENGTH, 1), None)
-    stale = field(_integer(1), None)
-    all = field(_boolean, False)
-    _reqId = field(_REQ_ID, None)
+    pass
 
 
 @frame("ban")
