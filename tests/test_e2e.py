@@ -19,35 +19,17 @@ from claudemesh.broker.core import Broker
 from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import StoreHealth, make_site
-from claudemesh.broker.ws import BrokerServerFactory, BrokerServerProtocol
+from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store.postgres import PostgresStore
 from claudemesh.store.records import MemberRecord, MeshRecord, NewDelivery, NewMessage
 from claudemesh.store.sqlite import SQLiteStore
 from tests import pg
+from tests.clientfixture import TrackedServerProtocol
 from tests.meshfixture import Peer, client_factory
 
 PG_DSN, PG_SKIP = pg.postgres_dsn_or_skip_reason()
 MAX_BYTES = 4096
 _ids = itertools.count(1)
-
-
-class _TrackedServerProtocol(BrokerServerProtocol):
-    """
-    The broker's protocol, telling the test which server connections are
-    still open, so the test can wait for the server side to be gone.
-    """
-
-    def connectionMade(self):
-        BrokerServerProtocol.connectionMade(self)
-        self.factory.live.add(self)
-
-    def connectionLost(self, reason):
-        BrokerServerProtocol.connectionLost(self, reason)
-        self.factory.live.discard(self)
-        if not self.factory.live:
-            waiting, self.factory.waiting = self.factory.waiting, []
-            for d in waiting:
-                d.callback(None)
 
 
 class _RealClock:
@@ -90,7 +72,7 @@ class EndToEndMixin:
             yield store_opened()
         self.broker.startService()
         self.factory = BrokerServerFactory(self.broker, reactor, self.settings)
-        self.factory.protocol = _TrackedServerProtocol
+        self.factory.protocol = TrackedServerProtocol
         self.factory.live = set()
         self.factory.waiting = []
         site = make_site(StoreHealth(self.store, reactor), reactor, self.settings,

@@ -24,10 +24,10 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 
 from claudemesh.cli.main import EXIT_FAILURE, EXIT_OK
+from claudemesh.client.config import atomic_write
 
 SERVER_NAME = "claudemesh"
 HOOKS = (("UserPromptSubmit", "working"), ("Stop", "idle"))
@@ -151,20 +151,7 @@ def write_json(path, document, environ):
             os.path.basename(path), int(time.time() * 1000)))
         shutil.copy2(path, backup)
     data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=".claudemesh-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data, mode)
     if read_json(path) != document:
         raise InstallError("post-write verification of %s failed; the backup is %s"
                            % (path, backup))

@@ -230,11 +230,16 @@ def load(directory):
     return Config(entries, extra)
 
 
-def _atomic_write(path, data: bytes):
+def atomic_write(path, data: bytes, mode=0o600):
+    """
+    Replace C{path} with C{data} so that a reader sees the old file or the
+    new one, never half of it: a temporary file in the same directory, made
+    C{mode}, synced, then renamed over it.
+    """
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -254,7 +259,7 @@ def save(directory, config):
     """
     ensure_dir(directory)
     data = (json.dumps(config.to_json(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _atomic_write(os.path.join(directory, CONFIG_FILE), data)
+    atomic_write(os.path.join(directory, CONFIG_FILE), data)
 
 
 # -- session keys -------------------------------------------------------------
@@ -292,5 +297,5 @@ def session_key(directory, slug, session_id):
     identity = crypto.Identity.generate()
     document = {"version": 1, "meshSlug": slug, "sessionId": session_id,
                 "publicKey": identity.pubkey, "secretKey": identity.secret_hex}
-    _atomic_write(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
     return identity
