@@ -1,5 +1,5 @@
 """
-A broker core on a memory store and a fake clock, with meshes whose members
+A broker core on an inline SQLite store and a fake clock, with meshes whose members
 hold real ed25519 keys, for tests that drive the core without sockets.
 """
 
@@ -13,8 +13,8 @@ from claudemesh import crypto, protocol
 from claudemesh.broker.core import Broker, IPeerConnection
 from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.settings import BrokerSettings
-from claudemesh.store.memory import MemoryStore
 from claudemesh.store.records import MemberRecord, MeshRecord
+from claudemesh.store.sqlite import SQLiteStore
 
 # A fixed, realistic wall-clock start (2026-11-28), so ISO times look real.
 START = 1_795_000_000.0
@@ -175,13 +175,14 @@ class Peer:
 
 class BrokerFixture:
     """
-    A broker on a L{MemoryStore} and a L{task.Clock}.
+    A broker on an inline SQLite store (L{SQLiteStore.inline}: the real SQL,
+    answered at once) and a L{task.Clock}.
     """
 
     def __init__(self, store=None, **settings):
         self.clock = task.Clock()
         self.clock.advance(START)
-        self.store = store if store is not None else MemoryStore()
+        self.store = store if store is not None else inline_store()
         self.settings = BrokerSettings(**settings)
         self.metrics = BrokerMetrics()
         self.broker = Broker(self.store, self.clock, self.settings, self.metrics)
@@ -248,9 +249,18 @@ class BrokerFixture:
 # -- helpers shared by the newer test modules ---------------------------------
 
 
+def inline_store():
+    """
+    A new, open L{SQLiteStore.inline} on C{:memory:}.
+    """
+    store = SQLiteStore.inline()
+    result_of(store.open())
+    return store
+
+
 def result_of(d):
     """
-    The result of an already-fired L{Deferred} (the memory store answers at
+    The result of an already-fired L{Deferred} (the inline store answers at
     once); raises the failure's exception.
     """
     results = []
@@ -265,14 +275,12 @@ def result_of(d):
 
 def store_snapshot(store):
     """
-    A deep copy of everything a L{MemoryStore} holds, comparable with C{==},
-    for asserting that an error path changed nothing stored.
+    Everything an inline L{SQLiteStore} holds, as the SQL dump of its
+    database (comparable with C{==}), for asserting that an error path
+    changed nothing stored.
     """
-    import copy
-
-    names = ("_meshes", "_members", "_invites", "_sessions", "_messages", "_deliveries",
-             "_send_keys", "_audit", "_last_seq")
-    return {name: copy.deepcopy(getattr(store, name)) for name in names}
+    store = getattr(store, "_store", store)
+    return result_of(store._connection.run(lambda connection: list(connection.iterdump())))
 
 
 def audit_rows(fixture, mesh_id):
@@ -286,12 +294,12 @@ def audit_rows(fixture, mesh_id):
 
 class FailingEnqueueStore:
     """
-    A L{MemoryStore} wrapper whose C{enqueue} fails while C{failing} is set,
+    A store wrapper whose C{enqueue} fails while C{failing} is set,
     as a database that went away would.
     """
 
     def __init__(self, store=None):
-        self._store = store if store is not None else MemoryStore()
+        self._store = store if store is not None else inline_store()
         self.failing = False
 
     def __getattr__(self, name):
@@ -318,12 +326,12 @@ class FailingEnqueueStore:
 
 class HeldClaimsStore:
     """
-    A L{MemoryStore} wrapper whose C{claim_deliveries} answers only when the
+    A store wrapper whose C{claim_deliveries} answers only when the
     test says so (C{hold} set), as a database round trip in flight would.
     """
 
     def __init__(self, store=None):
-        self._store = store if store is not None else MemoryStore()
+        self._store = store if store is not None else inline_store()
         self.hold = False
         self.held = []
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_core -*-
 """
 Tests for L{claudemesh.broker.core}: hello, presence, status and delivery,
-driven without sockets on a memory store and a fake clock.
+driven without sockets on an inline SQLite store and a fake clock.
 """
 
 from twisted.trial import unittest

@@ -3,7 +3,7 @@
 Tests for delivery through the broker core (DESIGN section 4.2): which
 session a delivery is leased to, what happens when it goes away, refusals
 and what they leave stored, audit rows, expiry and limits. The broker runs
-on a memory store and a fake clock.
+on an inline SQLite store and a fake clock.
 """
 
 import json
@@ -279,10 +279,10 @@ class GroupCommitReleaseTests(unittest.TestCase):
         from twisted.internet import task
 
         from claudemesh.broker.groupcommit import GroupCommit
-        from claudemesh.store.memory import MemoryStore
+        from tests.meshfixture import inline_store
 
         clock = task.Clock()
-        writes = GroupCommit(MemoryStore(), clock)
+        writes = GroupCommit(inline_store(), clock)
         fired = []
         writes.release_leases("p1").addCallback(fired.append)
         self.assertEqual(fired, [])

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_hook -*-
 """
 Tests for L{claudemesh.broker.hook.HookStatusResource} (C{POST
-/hook/set-status}) against a broker on a memory store and a fake clock, with
+/hook/set-status}) against a broker on an inline SQLite store and a fake clock, with
 in-memory requests.
 """
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_membership -*-
 """
 Tests for L{claudemesh.broker.membership}: meshes, invites, joins, roles and
-the three removal tiers, driven through the core on a memory store.
+the three removal tiers, driven through the core on an inline SQLite store.
 """
 
 import json

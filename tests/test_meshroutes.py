@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_meshroutes -*-
 """
 Tests for C{POST /meshes} and C{POST /join} (L{claudemesh.broker.meshroutes})
-with in-memory requests against a broker on a memory store.
+with in-memory requests against a broker on an inline SQLite store.
 """
 
 import io

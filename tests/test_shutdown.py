@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_shutdown -*-
 """
-Graceful shutdown (issue 8): L{Broker.stopService} on a memory store and a
+Graceful shutdown (issue 8): L{Broker.stopService} on an inline SQLite store and a
 fake clock, over memory wires, and a real C{twistd claudemesh-broker}
 subprocess stopped with SIGTERM and started again on the same data
 directory.

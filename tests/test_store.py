@@ -1,6 +1,6 @@
 """
 Tests for L{claudemesh.store}: one suite, L{StoreTestsMixin}, run against
-each provider of L{IStore} (memory, SQLite, Postgres), plus the pieces
+each provider of L{IStore} (SQLite in adbapi's thread, SQLite inline, Postgres), plus the pieces
 around them (schema files, L{make_store}, L{StoreService}).
 
 The SQL stores are integration tests against real databases on trial's
@@ -21,7 +21,6 @@ from claudemesh.audit import GENESIS, chain_hash
 from claudemesh.store import (
     DuplicateKey,
     IStore,
-    MemoryStore,
     PostgresStore,
     SchemaTooNew,
     SQLiteStore,
@@ -909,39 +908,6 @@ def _fields(record):
             if not name.startswith("__")}
 
 
-class MemoryStoreTests(StoreTestsMixin, TestCase):
-    """
-    The shared suite on L{MemoryStore}.
-    """
-
-    def makeStore(self):
-        return MemoryStore()
-
-    def reopenStore(self):
-        # The memory "database" is the instance itself.
-        return self.store
-
-    def _tamper_audit(self, mesh_id, seq):
-        self.store.tamper_audit(mesh_id, seq, {"tampered": True})
-        return defer.succeed(None)
-
-    def _schema_version(self):
-        return defer.succeed(self.store.schema_version)
-
-    def _set_schema_version(self, version):
-        self.store.schema_version = version
-        return defer.succeed(None)
-
-    def test_fired_deferreds(self):
-        """Every call returns an already-fired Deferred, with no reactor involved."""
-        store = MemoryStore()
-        mesh = MeshRecord("m", "n", "s", "k", NOW)
-        owner = MemberRecord("o", "m", "k", "o", "owner", NOW)
-        self.successResultOf(store.create_mesh(mesh, owner))
-        self.assertEqual(self.successResultOf(store.get_mesh("m")), mesh)
-        self.failureResultOf(store.create_mesh(mesh, owner), DuplicateKey)
-
-
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
     """
     The shared suite on L{SQLiteStore}, a new file per test.
@@ -956,7 +922,8 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         return SQLiteStore(self.path, reactor)
 
     def _raw(self, sql, *params):
-        return self.store._pool.runQuery(sql, params)
+        return self.store._connection.run(
+            lambda connection: connection.execute(sql, params).fetchall())
 
     def _tamper_audit(self, mesh_id, seq):
         return self._raw(
@@ -977,7 +944,7 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
     @defer.inlineCallbacks
     def test_pragmas(self):
         """The connection runs in WAL mode with foreign keys and a busy timeout."""
-        rows = yield self.store._pool.runWithConnection(
+        rows = yield self.store._connection.run(
             lambda c: [c.execute("PRAGMA %s" % (p,)).fetchone()[0]
                        for p in ("journal_mode", "foreign_keys", "busy_timeout",
                                  "synchronous")]
@@ -994,6 +961,47 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         mesh = MeshRecord("m", "n", "s", "k", NOW)
         yield store.create_mesh(mesh, MemberRecord("o", "m", "k", "o", "owner", NOW))
         self.assertEqual((yield store.get_mesh("m")), mesh)
+
+
+class InlineSQLiteStoreTests(SQLiteStoreTests):
+    """
+    The shared suite on L{SQLiteStore.inline}, the store of the broker
+    core's unit tests: the same SQL, run at once in the calling thread.
+    """
+
+    def makeStore(self):
+        self.path = os.path.join(self.mktemp() + ".d", "store.sqlite3")
+        os.makedirs(os.path.dirname(self.path))
+        return SQLiteStore.inline(self.path)
+
+    def reopenStore(self):
+        return SQLiteStore.inline(self.path)
+
+    def test_fired_deferreds(self):
+        """Every call returns an already-fired Deferred, with no reactor involved."""
+        store = SQLiteStore.inline()
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        mesh = MeshRecord("m", "n", "s", "k", NOW)
+        owner = MemberRecord("o", "m", "k", "o", "owner", NOW)
+        self.successResultOf(store.create_mesh(mesh, owner))
+        self.assertEqual(self.successResultOf(store.get_mesh("m")), mesh)
+        self.failureResultOf(store.create_mesh(mesh, owner), DuplicateKey)
+
+    def test_failed_transaction_rolls_back(self):
+        """A transaction that fails half-way leaves nothing of itself behind."""
+        store = SQLiteStore.inline()
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        mesh = MeshRecord("m", "n", "s", "k", NOW)
+        owner = MemberRecord("o", "m", "k", "o", "owner", NOW)
+        self.successResultOf(store.create_mesh(mesh, owner))
+        # The second mesh's row goes in, then its owner's member id clashes.
+        other = MeshRecord("m2", "n2", "s2", "k2", NOW)
+        self.failureResultOf(
+            store.create_mesh(other, MemberRecord("o", "m2", "k2", "o", "owner", NOW)),
+            DuplicateKey)
+        self.assertIsNone(self.successResultOf(store.get_mesh("m2")))
 
 
 class PostgresStoreTests(StoreTestsMixin, TestCase):
@@ -1222,8 +1230,7 @@ class MakeStoreTests(TestCase):
 
     def test_service(self):
         """The service opens the store on start and closes it on stop."""
-        store = MemoryStore()
-        store.close()
+        store = SQLiteStore.inline()
         service = StoreService(store)
         waiting = service.whenOpen()
         self.successResultOf(service.startService())
@@ -1234,8 +1241,13 @@ class MakeStoreTests(TestCase):
 
     def test_service_failure(self):
         """A store that cannot open fails whenOpen and logs why."""
-        store = MemoryStore()
-        store.schema_version = 999
+        path = self.mktemp()
+        first = SQLiteStore.inline(path)
+        self.successResultOf(first.open())
+        first._connection.run(
+            lambda connection: connection.execute("UPDATE schema_version SET version = 999"))
+        first.close()
+        store = SQLiteStore.inline(path)
         service = StoreService(store)
         self.failureResultOf(service.startService(), SchemaTooNew)
         self.failureResultOf(service.whenOpen(), SchemaTooNew)

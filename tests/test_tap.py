@@ -22,7 +22,7 @@ from claudemesh.broker import tap
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import BrokerSite
 from claudemesh.store import StoreService
-from claudemesh.store.memory import MemoryStore
+from claudemesh.store.sqlite import SQLiteStore
 
 # flag, environment variable, a valid non-default value, its parsed form
 _INTEGER_CASES = (
@@ -453,14 +453,14 @@ class TimerStepTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError, ValueError)), 5)
 
 
-class CountingStore(MemoryStore):
+class CountingStore(SQLiteStore):
     """
-    A memory store that counts its pings and, when C{opening} is set to a
-    L{Deferred}, opens only once the test fires it.
+    An inline SQLite store that counts its pings and, when C{opening} is set
+    to a L{Deferred}, opens only once the test fires it.
     """
 
     def __init__(self):
-        super().__init__()
+        super().__init__(":memory:", None)
         self.pings = 0
         self.opening = None
 

@@ -2,7 +2,7 @@
 """
 Tests for L{claudemesh.broker.ws}: the real L{BrokerServerProtocol} and a real
 Autobahn client joined by in-memory transports (L{twisted.test.iosim}), with a
-broker on a memory store and a L{task.Clock}. Nothing here touches the global
+broker on an inline SQLite store and a L{task.Clock}. Nothing here touches the global
 reactor: Autobahn's own timers (txaio) are pointed at the fixture's clock.
 """
 

@@ -380,7 +380,8 @@ class Broker(service.Service):
             waiting.append(d)
             return d
         # Register the waiter before loading: a store that answers at once
-        # (the memory store) fires loaded() before load() returns.
+        # (the inline SQLite store of the unit tests) fires loaded() before
+        # load() returns.
         self._loading[mesh_id] = [d]
 
         @defer.inlineCallbacks

@@ -1,11 +1,11 @@
 """
 Durable state of the broker, behind L{IStore}.
 
-Three providers pass one shared test suite (C{tests/test_store.py}):
+Two providers pass one shared test suite (C{tests/test_store.py}):
 
-  - L{SQLiteStore}, the embedded default: one file in the data directory;
-  - L{PostgresStore}, when C{DATABASE_URL} is a C{postgresql://} URL;
-  - L{MemoryStore}, for unit tests of the broker core.
+  - L{SQLiteStore}, the embedded default: one file in the data directory
+    (and, run inline on C{:memory:}, the store of the core's unit tests);
+  - L{PostgresStore}, when C{DATABASE_URL} is a C{postgresql://} URL.
 
 L{make_store} picks one from the configuration, L{describe_store} says which
 for the logs (without the password), and L{StoreService} opens and closes it
@@ -27,7 +27,6 @@ from claudemesh.store.interface import (
     StoreError,
     StoreUnavailable,
 )
-from claudemesh.store.memory import MemoryStore
 from claudemesh.store.postgres import DEFAULT_SCHEMA, PostgresStore
 from claudemesh.store.sqlite import SQLiteStore
 
@@ -37,7 +36,6 @@ __all__ = [
     "StoreUnavailable",
     "DuplicateKey",
     "SchemaTooNew",
-    "MemoryStore",
     "SQLiteStore",
     "PostgresStore",
     "StoreService",

@@ -897,8 +897,7 @@ class SQLStore:
 def chain_events(events, tails):
     """
     Chain C{events} onto C{tails} (C{{mesh_id: (seq, hash)}}, updated in
-    place), returning their L{AuditEntry}s. Shared with the memory store so
-    every store chains identically.
+    place), returning their L{AuditEntry}s.
     """
     entries = []
     for event in events:

@@ -2,9 +2,9 @@
 The storage seam: L{IStore} and the errors its implementations raise.
 
 Every method returns a L{Deferred}. All SQL lives behind this interface; the
-broker core only sees the records of L{claudemesh.store.records}. Three
-providers pass one shared test suite (C{tests/test_store.py}): L{MemoryStore}
-for unit tests, the embedded SQLite default and Postgres.
+broker core only sees the records of L{claudemesh.store.records}. Two
+providers pass one shared test suite (C{tests/test_store.py}): the embedded
+SQLite default (also run inline, for unit tests) and Postgres.
 """
 
 from zope.interface import Attribute, Interface
@@ -44,7 +44,7 @@ class IStore(Interface):
     the audit log.
     """
 
-    kind = Attribute("C{'memory'}, C{'sqlite'} or C{'postgres'}.")
+    kind = Attribute("C{'sqlite'} or C{'postgres'}.")
 
     def open():
         """

@@ -12,6 +12,12 @@ C{MAX(seq) + 1} when the store opens. They only ever grow while the process
 runs and across restarts as long as the newest message is kept; pruning every
 message and restarting may hand out a number again, which is harmless because
 nothing pending can carry the old one.
+
+The same SQL also runs I{inline}: L{SQLiteStore.inline} keeps one connection
+in the calling thread and answers every call with an already-fired
+L{Deferred}. The broker core's unit tests use it (on C{:memory:}), so they
+need neither threads nor a reactor and still run the real claim, dedupe and
+audit SQL rather than a copy of its semantics.
 """
 
 import itertools
@@ -83,9 +89,61 @@ def _configure(connection):
     cursor.close()
 
 
+class _PooledConnection:
+    """
+    The production runner: adbapi's pool of one connection, in its thread.
+    """
+
+    def __init__(self, path, reactor):
+        # isolation_level=None: sqlite3 must not open transactions behind our
+        # back (it would not for DDL, leaving a half-created schema after a
+        # failure); SQLiteStore._run issues BEGIN itself and adbapi commits.
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=1,
+            cp_reactor=reactor,
+            cp_openfun=_configure,
+        )
+
+    def run(self, function, *args):
+        return self._pool.runWithConnection(function, *args)
+
+    def close(self):
+        self._pool.close()
+
+
+class _InlineConnection:
+    """
+    One connection used in the calling thread: every call runs now and
+    returns an already-fired L{Deferred}, committed or rolled back as
+    adbapi's C{runWithConnection} would.
+    """
+
+    def __init__(self, path):
+        self._connection = sqlite3.connect(path, isolation_level=None)
+        _configure(self._connection)
+
+    def run(self, function, *args):
+        connection = self._connection
+        try:
+            result = function(connection, *args)
+        except BaseException:
+            connection.rollback()
+            return defer.fail()
+        connection.commit()
+        return defer.succeed(result)
+
+    def close(self):
+        self._connection.close()
+
+
 class SQLiteStore(SQLStore):
     """
-    An L{IStore} in one SQLite file (or C{:memory:}, for tests).
+    An L{IStore} in one SQLite file (or C{:memory:}).
     """
 
     kind = "sqlite"
@@ -93,30 +151,29 @@ class SQLiteStore(SQLStore):
     def __init__(self, path, reactor):
         self.path = path
         self._reactor = reactor
-        self._pool = None
+        self._connection = None
         self._seqs = None
+
+    @classmethod
+    def inline(cls, path=":memory:"):
+        """
+        A store that runs every transaction at once in the calling thread
+        (see the module docstring): for unit tests.
+        """
+        return cls(path, None)
 
     def __repr__(self):
         return "<SQLiteStore %s>" % (self.path,)
 
     def open(self):
-        # isolation_level=None: sqlite3 must not open transactions behind our
-        # back (it would not for DDL, leaving a half-created schema after a
-        # failure); _run issues BEGIN itself and adbapi commits.
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,
-            isolation_level=None,
-            cp_min=1,
-            cp_max=1,
-            cp_reactor=self._reactor,
-            cp_openfun=_configure,
-        )
+        if self._reactor is None:
+            self._connection = _InlineConnection(self.path)
+        else:
+            self._connection = _PooledConnection(self.path, self._reactor)
         d = self._transact(self._open)
 
         def failed(failure):
-            self._close_pool()
+            self._close_connection()
             return failure
 
         return d.addErrback(failed)
@@ -127,13 +184,13 @@ class SQLiteStore(SQLStore):
         self._seqs = itertools.count(int(rows[0][0]) + 1)
 
     def close(self):
-        self._close_pool()
+        self._close_connection()
         return defer.succeed(None)
 
-    def _close_pool(self):
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+    def _close_connection(self):
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def ping(self):
         return self._transact(self._ping, write=False)
@@ -144,9 +201,9 @@ class SQLiteStore(SQLStore):
     # -- running transactions -----------------------------------------------
 
     def _transact(self, operation, *args, write=True):
-        if self._pool is None:
+        if self._connection is None:
             return defer.fail(StoreUnavailable("%r is not open" % (self,)))
-        d = self._pool.runWithConnection(self._run, operation, args, write)
+        d = self._connection.run(self._run, operation, args, write)
         return d.addErrback(self._map_failure)
 
     @staticmethod
