@@ -222,6 +222,9 @@ class Hello:
     model = field(_text(128), None)
     groups = field(_groups, ())
     receive = field(_boolean, True)
+    # A watching session (claudemesh ui): presence and status events, its own
+    # session-key messages, nothing meant for its member (docs/protocol.md).
+    watch = field(_boolean, False)
     _reqId = field(_REQ_ID, None)
 
 

@@ -680,6 +680,18 @@ class StoreTestsMixin:
         )
 
     @defer.inlineCallbacks
+    def test_claim_session_deliveries_only(self):
+        """Without a member id only the session's own deliveries are claimed (a watching session)."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        to_member = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        to_session = self.makeMessage(mesh, owner, [NewDelivery(bob.id, session_pubkey="spk-1")])
+        yield self.store.enqueue([to_member, to_session])
+        claimed = yield self.store.claim_deliveries(
+            None, "spk-1", "p-watch", [], ALL, NOW, LEASE, 10)
+        self.assertEqual([c.message_id for c in claimed], [to_session.id])
+        self.assertEqual([c.message_id for c in (yield self.claim(bob, "p2"))], [to_member.id])
+
+    @defer.inlineCallbacks
     def test_claim_skips_expired(self):
         """A delivery whose message expired cannot be claimed."""
         mesh, owner, bob = yield self.meshWithRecipient()

@@ -143,6 +143,7 @@ class Session:
         self.model = hello.model
         self.groups = dict(hello.groups)
         self.receive = hello.receive
+        self.watch = hello.watch
         self.status = StatusState("idle", "jsonl", now)
         self.summary = None
         self.connected_at = now
@@ -170,6 +171,15 @@ class Session:
     @property
     def live(self) -> bool:
         return self.connection is not None
+
+    @property
+    def announced(self) -> bool:
+        """
+        Does this session take part as a peer: announced to others, listed,
+        a recipient of its member's messages and of broadcasts? Not for
+        C{receive:false} sessions nor for watching ones.
+        """
+        return self.receive and not self.watch
 
     def record(self):
         return SessionRecord(
@@ -481,6 +491,8 @@ class Broker(service.Service):
         }
         if restored:
             ack["restored"] = True
+        if session.watch:
+            ack["watch"] = True
         return session, ack
 
     def _attach(self, mesh, member, hello, connection, display_name, now):
@@ -535,7 +547,7 @@ class Broker(service.Service):
             mesh.session_keys[session.session_pubkey] = member.id
         self._apply_pending_hook(session)
         self.writes.open_session(session.record())
-        if session.receive:
+        if session.announced:
             departed = mesh.departed.pop((member.id, session.session_id), None)
             event = "peer_returned" if departed is not None else "peer_joined"
             data = self._peer_event_data(session)
@@ -552,7 +564,9 @@ class Broker(service.Service):
         """
         The hello_ack is on its way: hand the session what waits for it.
         """
-        if session.receive:
+        if session.watch:
+            self._drain(session)
+        elif session.receive:
             self._drain_member(session.mesh, session.member.id)
 
     # -- connection loss, grace, departure -------------------------------------
@@ -605,7 +619,7 @@ class Broker(service.Service):
         session.grace_call = None
         now = self.now_ms()
         self.writes.close_session(session.presence_id, now)
-        if session.receive:
+        if session.announced:
             mesh.departed[(session.member.id, session.session_id)] = (now, session.summary)
             if len(mesh.departed) > 10_000:
                 mesh.departed.pop(next(iter(mesh.departed)))
@@ -641,7 +655,13 @@ class Broker(service.Service):
             "groups": sorted(session.groups),
         }
 
-    def _broadcast_system(self, about, event, data):
+    def _broadcast_system(self, about, event, data, watchers_only=False):
+        """
+        Push a system event about session C{about}: to the live receiving
+        sessions of other members, and to every watching session but
+        C{about} (watchers see their own member's sessions too). With
+        C{watchers_only}, to the watching sessions alone.
+        """
         frame = {
             "type": "push",
             "subtype": "system",
@@ -655,10 +675,24 @@ class Broker(service.Service):
             "ciphertext": "",
             "createdAt": iso_millis(self.now_ms()),
         }
-        payload = protocol.encode(frame)
+        payload = None
         for other in about.mesh.sessions.values():
-            if other.live and other.receive and other.member.id != about.member.id:
+            if not other.live or other is about:
+                continue
+            if other.watch or (not watchers_only and other.announced
+                               and other.member.id != about.member.id):
+                if payload is None:
+                    payload = protocol.encode(frame)
                 other.connection.send_encoded(payload)
+
+    def _status_event(self, session):
+        """
+        Tell the watching sessions that C{session}'s status, summary or
+        groups changed (C{peer_status}, carrying its C{peers_list} row).
+        """
+        if session.announced:
+            self._broadcast_system(session, "peer_status", self._peer_row(session),
+                                   watchers_only=True)
 
     # -- peers, status, summary, groups ----------------------------------------
 
@@ -667,31 +701,40 @@ class Broker(service.Service):
         peers = []
         sessions = sorted(session.mesh.sessions.values(), key=lambda s: s.connected_at)
         for s in sessions:
-            if not s.receive and s is not session:
+            if not s.announced and s is not session:
                 continue
-            peer = {
-                "pubkey": s.pubkey,
-                "memberPubkey": s.member.pubkey,
-                "displayName": s.display_name,
-                "role": s.member.role,
-                "status": s.status.status,
-                "summary": s.summary,
-                "groups": [_group_entry(name, role) for name, role in sorted(s.groups.items())],
-                "sessionId": s.session_id,
-                "connectedAt": iso_millis(s.connected_at),
-                "cwd": s.cwd,
-                "online": s.live,
-            }
-            for key, value in (("hostname", s.hostname), ("peerType", s.peer_type),
-                               ("channel", s.channel), ("model", s.model)):
-                if value is not None:
-                    peer[key] = value
-            peers.append(peer)
+            peers.append(self._peer_row(s))
         return {"type": "peers_list", "peers": peers}
+
+    def _peer_row(self, s):
+        """
+        The C{peers_list} entry of session C{s}.
+        """
+        peer = {
+            "pubkey": s.pubkey,
+            "memberPubkey": s.member.pubkey,
+            "displayName": s.display_name,
+            "role": s.member.role,
+            "status": s.status.status,
+            "summary": s.summary,
+            "groups": [_group_entry(name, role) for name, role in sorted(s.groups.items())],
+            "sessionId": s.session_id,
+            "connectedAt": iso_millis(s.connected_at),
+            "cwd": s.cwd,
+            "online": s.live,
+            "statusSource": s.status.source,
+            "statusUpdatedAt": iso_millis(s.status.updated_at),
+        }
+        for key, value in (("hostname", s.hostname), ("peerType", s.peer_type),
+                           ("channel", s.channel), ("model", s.model)):
+            if value is not None:
+                peer[key] = value
+        return peer
 
     def _own_targets(self, session, session_id, all_sessions):
         if all_sessions:
-            return session.mesh.sessions_of(session.member.id)
+            # "All my sessions" are the member's peers, not a watching UI.
+            return [s for s in session.mesh.sessions_of(session.member.id) if not s.watch]
         if session_id is None or session_id == session.session_id:
             return [session]
         for s in session.mesh.sessions_of(session.member.id):
@@ -719,6 +762,7 @@ class Broker(service.Service):
         self.writes.update_session(session.presence_id, {
             "status": new.status, "status_source": new.source,
             "status_updated_at": new.updated_at})
+        self._status_event(session)
         if new.status == "idle" and before != "idle":
             # Held deliveries go out when the recipient turns idle.
             self._drain(session)
@@ -728,11 +772,13 @@ class Broker(service.Service):
         for target in self._own_targets(session, frame.sessionId, frame.all):
             target.summary = frame.summary
             self.writes.update_session(target.presence_id, {"summary": frame.summary})
+            self._status_event(target)
 
     def join_group(self, session, frame):
         self.touch(session)
         session.groups[frame.name] = frame.role
         self.writes.update_session(session.presence_id, {"groups": tuple(sorted(session.groups))})
+        self._status_event(session)
         # Deliveries to @that-group may be waiting for a session in it.
         self._drain(session)
 
@@ -741,6 +787,7 @@ class Broker(service.Service):
         if session.groups.pop(frame.name, _ABSENT) is not _ABSENT:
             self.writes.update_session(
                 session.presence_id, {"groups": tuple(sorted(session.groups))})
+            self._status_event(session)
 
     def touch(self, session):
         """
@@ -868,7 +915,7 @@ class Broker(service.Service):
                 return None
             members = set()
             for s in mesh.sessions.values():
-                if s.receive and s.member.id != sender.member.id:
+                if s.announced and s.member.id != sender.member.id:
                     if group is None or any(group_matches(g, group) for g in s.groups):
                         members.add(s.member.id)
             for member_id in sorted(members):
@@ -897,7 +944,11 @@ class Broker(service.Service):
         """
         best = None
         for s in mesh.sessions_of(member_id):
-            if not s.live or not s.receive or s is sender:
+            if not s.live or s is sender:
+                continue
+            # A watching session takes only what is addressed to its own
+            # session key.
+            if not (s.announced or (s.watch and session_pubkey is not None)):
                 continue
             if session_pubkey is not None and s.session_pubkey != session_pubkey:
                 continue
@@ -947,7 +998,8 @@ class Broker(service.Service):
         recently active first, one after another so the most recent one that
         may take a delivery gets it.
         """
-        sessions = [s for s in mesh.sessions_of(member_id) if s.live and s.receive]
+        sessions = [s for s in mesh.sessions_of(member_id)
+                    if s.live and (s.receive or s.watch)]
         sessions.sort(key=lambda s: s.last_active_at, reverse=True)
         d = defer.succeed(None)
         for s in sessions:
@@ -955,7 +1007,9 @@ class Broker(service.Service):
         return d
 
     def _drain(self, session):
-        if not (session.live and session.receive):
+        if not (session.live and (session.announced or session.watch)):
+            return defer.succeed(None)
+        if session.watch and not session.session_pubkey:
             return defer.succeed(None)
         if session.draining:
             session.drain_again = True
@@ -964,9 +1018,11 @@ class Broker(service.Service):
         session.drain_again = False
         connection = session.connection
         now = self.now_ms()
+        # No member id for a watching session: its session deliveries only.
         d = self.store.claim_deliveries(
-            session.member.id, session.session_pubkey, session.presence_id,
-            expand_groups(session.groups), list(DELIVERABLE[session.status.status]),
+            None if session.watch else session.member.id, session.session_pubkey,
+            session.presence_id, [] if session.watch else expand_groups(session.groups),
+            list(DELIVERABLE[session.status.status]),
             now, self.settings.lease_seconds * 1000, CLAIM_BATCH)
 
         def claimed(rows):
@@ -1045,8 +1101,10 @@ class Broker(service.Service):
         # Not (or no longer) leased here: still confirm what this session
         # may confirm — its member's delivery or its own session delivery.
         # Unknown pairs are ignored by the store, so this stays a no-op for
-        # unknown or repeated ids.
-        self.writes.ack(frame.messageId, session.member.id)
+        # unknown or repeated ids. A watching session confirms nothing of its
+        # member's.
+        if not session.watch:
+            self.writes.ack(frame.messageId, session.member.id)
         if session.session_pubkey:
             self.writes.ack(frame.messageId, session.session_pubkey)
 
@@ -1133,7 +1191,8 @@ class Broker(service.Service):
         payload = _parse_hook_body(body)
         status = payload["status"]
         cwd, pid, session_id = payload["cwd"], payload["pid"], payload["session_id"]
-        mine = mesh.sessions_of(member.id)
+        # A watching session (claudemesh ui) is nobody's Claude Code session.
+        mine = [s for s in mesh.sessions_of(member.id) if not s.watch]
         target = None
         if session_id:
             # The caller's own session first: session ids are only unique per

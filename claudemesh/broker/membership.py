@@ -335,7 +335,8 @@ class Membership:
     def list_members(self, session, frame):
         self._broker.touch(session)
         mesh = session.mesh
-        online = {s.member.id for s in mesh.sessions.values() if s.live}
+        # A watching session (claudemesh ui) does not make its member online.
+        online = {s.member.id for s in mesh.sessions.values() if s.live and not s.watch}
         members = sorted((m for m in mesh.members.values() if m.revoked_at is None),
                          key=lambda m: (m.joined_at, m.display_name))
         return {"type": "members_list", "members": [{

@@ -218,7 +218,8 @@ class IStore(Interface):
         C{None} or in C{groups}, and session deliveries to C{session_pubkey};
         only those with a priority in C{priorities}, not expired at C{now},
         and either queued or leased with a lease that ended by C{now}. Sets
-        the lease to C{now + lease_ms} and counts an attempt.
+        the lease to C{now + lease_ms} and counts an attempt. C{member_id}
+        C{None} claims session deliveries only (a watching session).
 
         @return: a L{Deferred} firing with a list of L{ClaimedDelivery}.
         """
