@@ -681,7 +681,7 @@ class StoreTestsMixin:
 
     @defer.inlineCallbacks
     def test_claim_session_deliveries_only(self):
-        """Without a member id only the session's own deliveries are claimed (a watching session)."""
+        """Without a member id only the session's own deliveries are claimed (watchers)."""
         mesh, owner, bob = yield self.meshWithRecipient()
         to_member = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
         to_session = self.makeMessage(mesh, owner, [NewDelivery(bob.id, session_pubkey="spk-1")])

@@ -54,7 +54,7 @@ class WatchPresenceTests(WatchTestCase):
         self.assertIs(ack["watch"], True)
 
     def test_watcher_is_not_announced_nor_listed(self):
-        """Others get no peer_joined/peer_left for a watcher, do not list it, and its member stays offline."""
+        """Others get no presence event for a watcher, do not list it; its member stays offline."""
         _, bob_session, bob_conn = self.connect(self.bob, "b1")
         _, watcher, watcher_conn, _ = self.watch(self.alice)
         self.assertEqual(bob_conn.events(), [])
@@ -175,7 +175,7 @@ class WatchDeliveryTests(WatchTestCase):
                                                push["ciphertext"]), b"answer")
 
     def test_watcher_reconnecting_claims_its_own_messages_only(self):
-        """Back from grace, a watcher claims what waits for its session key and leaves member messages queued."""
+        """A returning watcher claims its session-key messages and leaves its member's queued."""
         _, watcher, watcher_conn, key = self.watch(self.alice)
         self.use(self.alice, watcher, watcher_conn)
         self.alice.drop()
@@ -202,7 +202,7 @@ class WatchDeliveryTests(WatchTestCase):
         self.assertEqual([r["status"] for r in status["recipients"]], ["queued"])
 
     def test_hook_never_matches_a_watcher(self):
-        """A hook report by cwd lands on the Claude Code session, not on a watcher in the same folder."""
+        """A hook report by cwd lands on the Claude Code session, not on a watcher there too."""
         _, watcher, _, _ = self.watch(self.alice)
         _, claude, _ = self.connect(self.alice, "claude-1")
         # Both say hello from the same folder; the watcher is the newer one.

@@ -29,7 +29,7 @@ from claudemesh.cli.main import (
     EXIT_PERMISSION,
 )
 from claudemesh.client import config as configuration
-from claudemesh.client import connection, membership, messages
+from claudemesh.client import connection, history, membership, messages
 
 DEFAULT_BROKER_URL = "ws://localhost:7900/ws"
 REQUEST_TIMEOUT = 10.0
@@ -250,7 +250,7 @@ def with_mesh(reactor, arguments, environ, action, receive=False, on_message=Non
     client = connection.MeshClient(
         reactor, entry, session_id(), receive=receive, display_name=display_name,
         on_message=on_message, on_event=on_event, max_attempts=CONNECT_ATTEMPTS,
-        connect_timeout=CONNECT_TIMEOUT)
+        connect_timeout=CONNECT_TIMEOUT, history=history.from_environ(environ, "cli"))
     try:
         yield client.start()
         result = yield action(client)

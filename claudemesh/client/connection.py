@@ -214,7 +214,7 @@ class MeshClient:
                  on_message=None, on_event=None, on_terminal_close=None, on_connect=None,
                  max_queue=MAX_QUEUE, hello_timeout=HELLO_TIMEOUT,
                  connect_timeout=CONNECT_TIMEOUT, max_attempts=None,
-                 random=_random.random, endpoint_factory=default_endpoint):
+                 random=_random.random, endpoint_factory=default_endpoint, history=None):
         """
         @param mesh: the L{claudemesh.client.config.MeshEntry}.
         @param on_message: called with each new L{messages.Inbound}; the push
@@ -226,6 +226,8 @@ class MeshClient:
             and every reconnection).
         @param max_attempts: give up (L{Unreachable}) after this many
             consecutive failed connection attempts; C{None} retries forever.
+        @param history: a L{claudemesh.client.history.History} that records
+            what L{send_text} sent and what was handed to C{on_message}.
         """
         self._reactor = reactor
         self.mesh = mesh
@@ -248,6 +250,7 @@ class MeshClient:
         self._random = random
         self._endpoint_factory = endpoint_factory
         self._mesh_key = mesh.mesh_key
+        self.history = history
 
         self.hello_ack = None
         self.connected = False
@@ -373,7 +376,15 @@ class MeshClient:
         """
         nonce, ciphertext = messages.seal(
             target_spec, text.encode("utf-8"), self.sender_identity, self._mesh_key)
-        return self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
+        d = self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
+        if self.history is not None:
+            def sent(ack):
+                if ack.get("queued"):
+                    self.history.note_sent(self, target_spec, text, priority, ack)
+                return ack
+
+            d.addCallback(sent)
+        return d
 
     def fire(self, frame):
         """
@@ -686,6 +697,8 @@ class MeshClient:
         self._seen[message_id] = True
         while len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
+        if self.history is not None:
+            self.history.note_received(self, inbound)
         d = defer.maybeDeferred(self.on_message, inbound)
 
         def handed(_):

@@ -22,6 +22,7 @@ messages queued for it).
 """
 
 import asyncio
+import functools
 import os
 import secrets
 import socket
@@ -229,6 +230,7 @@ def build(reactor, loop, environ, mesh=None, mode=None):
 
     from claudemesh import crypto
     from claudemesh.client import config as configuration
+    from claudemesh.client import connection, history
     from claudemesh.mcpserver import transcript
     from claudemesh.mcpserver.bridge import Bridge
     from claudemesh.mcpserver.channel import EXPERIMENTAL_CAPABILITIES
@@ -256,9 +258,14 @@ def build(reactor, loop, environ, mesh=None, mode=None):
             problem = problem or str(e)
     display_name = environ.get("CLAUDEMESH_DISPLAY_NAME") or None
     outbox = Outbox(loop)
+    # What this session sends and receives goes to the local history
+    # (claudemesh.client.history) that claudemesh ui shows.
+    recorded = functools.partial(connection.MeshClient,
+                                 history=history.from_environ(environ, "mcp"))
     bridge = Bridge(reactor, entries, session_id, outbox.notify, session_keys=keys,
                     display_name=display_name, pid=os.getppid(), cwd=cwd,
-                    hello_extra=hello_extra, mode=mode, problem=problem)
+                    hello_extra=hello_extra, mode=mode, problem=problem,
+                    client_factory=recorded)
     inference = transcript.StatusInference(reactor, cwd, bridge.report_status,
                                            session_id=launched, root=root,
                                            ttl=bridge.status_ttl)
