@@ -86,7 +86,7 @@ class HelloTests(MeshTestCase):
 
     def test_revoked(self):
         """A banned member gets error revoked with the exact message, then close 4002."""
-        self.fx.store.set_member_revoked(self.alice.member.id, self.fx.now_ms())
+        self.fx.store.ban_member(self.alice.member.id, self.fx.now_ms())
         self.fx.flush()
         e = self.refusal(self.alice)
         self.assertEqual(e.code, "revoked")

@@ -290,6 +290,41 @@ class GroupCommitReleaseTests(unittest.TestCase):
         self.assertEqual(fired, [None])
 
 
+class GroupCommitBatchCutTests(unittest.TestCase):
+    def test_audit_travels_with_its_message(self):
+        """A batch cut at max_batch messages leaves their audit events (and later ones) behind."""
+        from twisted.internet import task
+
+        from claudemesh.broker.groupcommit import GroupCommit
+        from claudemesh.store.records import AuditEvent, MemberRecord, MeshRecord, NewMessage
+        from tests.meshfixture import inline_store, result_of
+
+        clock = task.Clock()
+        batches = []
+        store = inline_store()
+        result_of(store.create_mesh(MeshRecord("mesh", "m", "m", "k", 1),
+                                    MemberRecord("sender", "mesh", "k", "s", "owner", 1)))
+
+        class Recording:
+            def write_batch(self, batch):
+                batches.append(batch)
+                return store.write_batch(batch)
+
+        writes = GroupCommit(Recording(), clock, max_batch=2)
+        for n in range(3):
+            message = NewMessage("m%d" % n, "mesh", "sender", "k", "k", "*", "next", "bg==",
+                                 "eA==", 1, 2)
+            writes.enqueue(message, AuditEvent("mesh", "message_sent", "sender", {"n": n}, 1))
+        writes.audit(AuditEvent("mesh", "peer_left", "sender", {}, 1))
+        clock.advance(0)
+        [first, second] = batches
+        self.assertEqual([m.id for m in first.messages], ["m0", "m1"])
+        self.assertEqual([e.payload for e in first.audit], [{"n": 0}, {"n": 1}])
+        self.assertEqual([m.id for m in second.messages], ["m2"])
+        self.assertEqual([(e.event_type, e.payload) for e in second.audit],
+                         [("message_sent", {"n": 2}), ("peer_left", {})])
+
+
 class RefusalTests(DeliveryTestCase):
     settings = {"max_message_bytes": 300}
 

@@ -21,7 +21,13 @@ from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import StoreHealth, make_site
 from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store.postgres import PostgresStore
-from claudemesh.store.records import MemberRecord, MeshRecord, NewDelivery, NewMessage
+from claudemesh.store.records import (
+    ClaimRequest,
+    MemberRecord,
+    MeshRecord,
+    NewDelivery,
+    NewMessage,
+)
 from claudemesh.store.sqlite import SQLiteStore
 from tests import pg
 from tests.clientfixture import TrackedServerProtocol
@@ -241,7 +247,7 @@ class SQLiteEndToEndTests(EndToEndMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_revoked_hello_closes_4002(self):
         """A revoked member's client sees error revoked, then 4002 banned."""
-        yield self.store.set_member_revoked(self.alice.member.id, _RealClock.now_ms())
+        yield self.store.ban_member(self.alice.member.id, _RealClock.now_ms())
         client = yield self.connect()
         client.send_frame(self.alice.hello_dict())
         was_clean, code, reason = yield client.closed
@@ -290,12 +296,12 @@ def stored_lease_scenario(case):
     [row] = yield store.message_deliveries(message.id)
     case.assertEqual((row.state, row.lease_session, row.lease_until, row.attempts),
                      ("leased", "p1", now + 30_000, 1))
-    claimed = yield store.claim_deliveries(bob.member.id, None, "p2", [], ["next"], now,
-                                           30_000, 10)
+    claimed = yield store.claim_deliveries(
+        ClaimRequest(bob.member.id, None, "p2", (), ("next",), now, 30_000, 10))
     case.assertEqual(claimed, [])
     yield store.release_leases(["p1"])
-    claimed = yield store.claim_deliveries(bob.member.id, None, "p2", [], ["next"], now,
-                                           30_000, 10)
+    claimed = yield store.claim_deliveries(
+        ClaimRequest(bob.member.id, None, "p2", (), ("next",), now, 30_000, 10))
     case.assertEqual([(c.message_id, c.attempts) for c in claimed], [(message.id, 2)])
 
 

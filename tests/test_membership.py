@@ -345,3 +345,64 @@ class ModerationTests(MembershipTestCase):
         carol.connect()
         e = carol.request({"type": "audit_query"})
         self.assertEqual(e.code, "forbidden")
+
+
+class OneTransactionTests(MembershipTestCase):
+    """
+    Each membership action is stored whole or not at all: a failure injected
+    into any of its statements (a SQLite trigger that aborts it) leaves
+    nothing of it behind, neither in the store nor in its audit chain.
+    """
+
+    def setUp(self):
+        MembershipTestCase.setUp(self)
+        self.alice = self.joined_peer("alice")
+        self.alice.connect()
+
+    def fail_updates(self, table, when="1"):
+        """
+        Make every UPDATE of C{table} whose new row matches C{when} abort.
+        """
+        sql = ("CREATE TRIGGER injected_failure BEFORE UPDATE ON %s WHEN %s"
+               " BEGIN SELECT RAISE(ABORT, 'injected failure'); END" % (table, when))
+        result_of(self.fx.store._connection.run(lambda connection: connection.execute(sql)))
+
+    def stored_member(self, peer):
+        return result_of(self.fx.store.get_member(peer.member.id))
+
+    def test_ban_is_one_transaction(self):
+        """A ban whose invite revocation fails leaves the member unbanned and unaudited."""
+        self.fail_updates("invites")
+        before = self.audit_types()
+        self.owner.request({"type": "ban", "target": "alice"})
+        self.fx.flush()
+        self.assertIsNone(self.stored_member(self.alice).revoked_at)
+        self.assertEqual(self.audit_types(), before)
+        self.assertIsNone(self.alice.connection.closed)
+
+    def test_hand_over_is_one_transaction(self):
+        """A hand-over whose demotion of the old owner fails leaves exactly one owner."""
+        self.fail_updates("members", "NEW.role = 'admin'")
+        self.owner.request({"type": "set_role", "target": "alice", "role": "owner"})
+        self.fx.flush()
+        members = result_of(self.fx.store.list_members(self.owner.mesh.id))
+        self.assertEqual([m.display_name for m in members if m.role == "owner"], ["owner"])
+
+    def test_duplicate_join_keeps_the_invite_use(self):
+        """A key that joined behind the broker's back re-joins without taking a use."""
+        token, reply = self.invite(uses=1)
+        identity = crypto.Identity.generate()
+        # The key is a member in the store but not (yet) in the broker's
+        # cached mesh, as after a join through another broker process.
+        from claudemesh.store.records import MemberRecord
+
+        result_of(self.fx.store.add_member(MemberRecord(
+            "mem-elsewhere", self.owner.mesh.id, identity.pubkey, "twin", "member",
+            self.fx.now_ms())))
+        _, result = self.join(token, identity=identity, name="twin")
+        self.assertEqual(result["memberId"], "mem-elsewhere")
+        invite = result_of(self.fx.store.get_invite(reply["inviteId"]))
+        self.assertEqual(invite.used_count, 0)
+        # The use is still there for someone else.
+        _, other = self.join(token, name="someone")
+        self.assertEqual(other["role"], "member")

@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import time
 
+import attr
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
@@ -31,6 +32,7 @@ from claudemesh.store import (
 )
 from claudemesh.store.records import (
     AuditEvent,
+    ClaimRequest,
     InviteRecord,
     MemberRecord,
     MeshRecord,
@@ -40,9 +42,17 @@ from claudemesh.store.records import (
     WriteBatch,
 )
 from claudemesh.store.schema import CURRENT_VERSION, full_schema, split_statements
+from claudemesh.store.sql.operations import Query
 from tests import pg
 
 NOW = 1_700_000_000_000
+
+
+class InjectedFailure(Exception):
+    """
+    Raised inside a transaction by L{StoreTestsMixin.assertAllOrNothing}.
+    """
+
 HOUR = 3600 * 1000
 LEASE = 30_000
 ALL = ("now", "next", "low")
@@ -153,17 +163,31 @@ class StoreTestsMixin:
 
     def claim(self, member, presence_id="p1", session_pubkey=None, groups=(),
               priorities=ALL, now=NOW, limit=10):
-        return self.store.claim_deliveries(
-            member.id, session_pubkey, presence_id, groups, priorities, now, LEASE,
-            limit,
-        )
+        return self.store.claim_deliveries(ClaimRequest(
+            member.id, session_pubkey, presence_id, tuple(groups), tuple(priorities), now,
+            LEASE, limit))
+
+    @defer.inlineCallbacks
+    def auditTypes(self, mesh):
+        """
+        The event types of a mesh's audit chain, oldest first.
+        """
+        entries, _ = yield self.store.audit_entries(mesh.id, 1000, 0)
+        return [entry.event_type for entry in reversed(entries)]
+
+    def event(self, mesh, event_type, **payload):
+        return AuditEvent(mesh.id, event_type, None, payload, NOW)
+
+    def joiner(self, mesh, invite, key=None):
+        return MemberRecord(self._id("member"), mesh.id, key or self._id("key"), "joiner",
+                            invite.role, NOW, invite_id=invite.id)
 
     # -- the store itself -------------------------------------------------------
 
     def test_provides_interface(self):
         """The store provides IStore and names its kind."""
         self.assertTrue(verifyObject(IStore, self.store))
-        self.assertIn(self.store.kind, ("memory", "sqlite", "postgres"))
+        self.assertIn(self.store.kind, ("sqlite", "postgres"))
 
     @defer.inlineCallbacks
     def test_ping(self):
@@ -233,18 +257,46 @@ class StoreTestsMixin:
         self.assertEqual((yield self.store.get_member("member-y")), elsewhere)
 
     @defer.inlineCallbacks
-    def test_member_role_and_revocation(self):
-        """Role changes, bans and unbans apply to existing members only."""
+    def test_member_role(self):
+        """A role change applies to an existing member only, with its audit entry."""
         mesh, owner = yield self.makeMesh()
         member = yield self.addMember(mesh)
-        self.assertTrue((yield self.store.set_member_role(member.id, "admin")))
-        self.assertTrue((yield self.store.set_member_revoked(member.id, NOW + 5)))
-        stored = yield self.store.get_member(member.id)
-        self.assertEqual((stored.role, stored.revoked_at), ("admin", NOW + 5))
-        self.assertTrue((yield self.store.set_member_revoked(member.id, None)))
+        changed = [self.event(mesh, "role_changed")]
+        self.assertTrue((yield self.store.set_member_role(member.id, "admin", changed)))
+        self.assertEqual((yield self.store.get_member(member.id)).role, "admin")
+        self.assertFalse((yield self.store.set_member_role("nope", "admin", changed)))
+        self.assertEqual((yield self.auditTypes(mesh)), ["role_changed"])
+
+    @defer.inlineCallbacks
+    def test_hand_over_ownership(self):
+        """Ownership moves to the heir and the old owner becomes an admin, together."""
+        mesh, owner = yield self.makeMesh()
+        heir = yield self.addMember(mesh)
+        event = [self.event(mesh, "role_changed")]
+        self.assertTrue((yield self.store.hand_over_ownership(owner.id, heir.id, event)))
+        roles = {m.id: m.role for m in (yield self.store.list_members(mesh.id))}
+        self.assertEqual(roles, {owner.id: "admin", heir.id: "owner"})
+        self.assertFalse((yield self.store.hand_over_ownership(heir.id, "nope", event)))
+        self.assertEqual((yield self.auditTypes(mesh)), ["role_changed"])
+
+    @defer.inlineCallbacks
+    def test_ban_and_unban(self):
+        """A ban revokes the member and the invite it joined with; an unban lifts it, once each."""
+        mesh, owner = yield self.makeMesh()
+        invite = self.makeInvite(mesh, max_uses=5)
+        yield self.store.create_invite(invite)
+        member = yield self.addMember(mesh, invite_id=invite.id)
+        banned = [self.event(mesh, "member_banned")]
+        self.assertTrue((yield self.store.ban_member(member.id, NOW + 5, banned)))
+        self.assertFalse((yield self.store.ban_member(member.id, NOW + 6, banned)))
+        self.assertEqual((yield self.store.get_member(member.id)).revoked_at, NOW + 5)
+        self.assertEqual((yield self.store.get_invite(invite.id)).revoked_at, NOW + 5)
+        unbanned = [self.event(mesh, "member_unbanned")]
+        self.assertTrue((yield self.store.unban_member(member.id, unbanned)))
+        self.assertFalse((yield self.store.unban_member(member.id, unbanned)))
         self.assertIsNone((yield self.store.get_member(member.id)).revoked_at)
-        self.assertFalse((yield self.store.set_member_role("nope", "admin")))
-        self.assertFalse((yield self.store.set_member_revoked("nope", NOW)))
+        self.assertFalse((yield self.store.ban_member("nope", NOW, banned)))
+        self.assertEqual((yield self.auditTypes(mesh)), ["member_banned", "member_unbanned"])
 
     @defer.inlineCallbacks
     def test_remove_member(self):
@@ -255,8 +307,10 @@ class StoreTestsMixin:
             mesh, owner, [NewDelivery(bob.id), NewDelivery(carol.id)]
         )
         yield self.store.enqueue([message])
-        self.assertTrue((yield self.store.remove_member(bob.id)))
-        self.assertFalse((yield self.store.remove_member(bob.id)))
+        left = [self.event(mesh, "member_left")]
+        self.assertTrue((yield self.store.remove_member(bob.id, left)))
+        self.assertFalse((yield self.store.remove_member(bob.id, left)))
+        self.assertEqual((yield self.auditTypes(mesh)), ["member_left"])
         self.assertIsNone((yield self.store.get_member(bob.id)))
         deliveries = yield self.store.message_deliveries(message.id)
         self.assertEqual([d.recipient_key for d in deliveries], [carol.id])
@@ -277,51 +331,192 @@ class StoreTestsMixin:
         yield self.assertFailure(self.store.create_invite(first), DuplicateKey)
 
     @defer.inlineCallbacks
-    def test_consume_until_exhausted(self):
-        """An invite gives exactly max_uses uses."""
+    def test_join_until_exhausted(self):
+        """An invite gives exactly max_uses joins, each with its audit entry."""
         mesh, owner = yield self.makeMesh()
         invite = self.makeInvite(mesh, max_uses=2)
-        yield self.store.create_invite(invite)
-        results = []
+        yield self.store.create_invite(invite, [self.event(mesh, "invite_created")])
+        outcomes = []
         for _ in range(3):
-            results.append((yield self.store.consume_invite(invite.id, NOW)))
-        self.assertEqual(results, [True, True, False])
+            member = self.joiner(mesh, invite)
+            outcome = yield self.store.join_member(
+                member, NOW, [self.event(mesh, "member_joined")])
+            outcomes.append((outcome.member == member, outcome.joined))
+        self.assertEqual(outcomes, [(True, True), (True, True), (False, False)])
         self.assertEqual((yield self.store.get_invite(invite.id)).used_count, 2)
+        self.assertEqual((yield self.auditTypes(mesh)),
+                         ["invite_created", "member_joined", "member_joined"])
 
     @defer.inlineCallbacks
-    def test_consume_expired(self):
+    def test_rejoin_takes_no_use(self):
+        """A key that is a member already gets its membership back; no use is taken."""
+        mesh, owner = yield self.makeMesh()
+        invite = self.makeInvite(mesh, max_uses=1)
+        yield self.store.create_invite(invite)
+        first = self.joiner(mesh, invite, key="the-key")
+        yield self.store.join_member(first, NOW)
+        again = yield self.store.join_member(self.joiner(mesh, invite, key="the-key"), NOW)
+        self.assertEqual((again.member, again.joined), (first, False))
+        self.assertEqual((yield self.store.get_invite(invite.id)).used_count, 1)
+
+    @defer.inlineCallbacks
+    def test_join_expired(self):
         """An invite cannot be used at or after its expiry."""
         mesh, owner = yield self.makeMesh()
         invite = self.makeInvite(mesh, expires_at=NOW + 10)
         yield self.store.create_invite(invite)
-        self.assertFalse((yield self.store.consume_invite(invite.id, NOW + 10)))
-        self.assertTrue((yield self.store.consume_invite(invite.id, NOW + 9)))
+        late = yield self.store.join_member(self.joiner(mesh, invite), NOW + 10)
+        self.assertIsNone(late.member)
+        on_time = yield self.store.join_member(self.joiner(mesh, invite), NOW + 9)
+        self.assertTrue(on_time.joined)
 
     @defer.inlineCallbacks
-    def test_consume_revoked(self):
+    def test_join_revoked(self):
         """A revoked or unknown invite cannot be used; revoking twice reports False."""
         mesh, owner = yield self.makeMesh()
         invite = self.makeInvite(mesh, max_uses=10)
         yield self.store.create_invite(invite)
-        self.assertTrue((yield self.store.revoke_invite(invite.id, NOW + 1)))
-        self.assertFalse((yield self.store.revoke_invite(invite.id, NOW + 2)))
+        revoked = [self.event(mesh, "invite_revoked")]
+        self.assertTrue((yield self.store.revoke_invite(invite.id, NOW + 1, revoked)))
+        self.assertFalse((yield self.store.revoke_invite(invite.id, NOW + 2, revoked)))
         self.assertEqual((yield self.store.get_invite(invite.id)).revoked_at, NOW + 1)
-        self.assertFalse((yield self.store.consume_invite(invite.id, NOW)))
-        self.assertFalse((yield self.store.consume_invite("nope", NOW)))
-        self.assertFalse((yield self.store.revoke_invite("nope", NOW)))
+        self.assertIsNone((yield self.store.join_member(self.joiner(mesh, invite), NOW)).member)
+        stranger = MemberRecord("m-x", mesh.id, "k-x", "x", "member", NOW, invite_id="nope")
+        self.assertIsNone((yield self.store.join_member(stranger, NOW)).member)
+        self.assertFalse((yield self.store.revoke_invite("nope", NOW, revoked)))
+        self.assertEqual((yield self.auditTypes(mesh)), ["invite_revoked"])
+        self.assertEqual((yield self.store.list_members(mesh.id)), [owner])
 
     @defer.inlineCallbacks
-    def test_concurrent_consumers(self):
-        """Of N concurrent consumers of a one-use invite exactly one succeeds."""
+    def test_concurrent_joins(self):
+        """Of N concurrent joins of a one-use invite exactly one is stored."""
         mesh, owner = yield self.makeMesh()
         invite = self.makeInvite(mesh, max_uses=1)
         yield self.store.create_invite(invite)
-        results = yield defer.gatherResults(
-            [self.store.consume_invite(invite.id, NOW) for _ in range(12)],
+        outcomes = yield defer.gatherResults(
+            [self.store.join_member(self.joiner(mesh, invite), NOW) for _ in range(12)],
             consumeErrors=True,
         )
-        self.assertEqual(sorted(results), [False] * 11 + [True])
+        self.assertEqual(sorted(o.joined for o in outcomes), [False] * 11 + [True])
         self.assertEqual((yield self.store.get_invite(invite.id)).used_count, 1)
+        self.assertEqual(len((yield self.store.list_members(mesh.id))), 2)
+
+    @defer.inlineCallbacks
+    def test_duplicate_join_takes_no_use(self):
+        """A join whose member row clashes fails with DuplicateKey and keeps the invite's use."""
+        mesh, owner = yield self.makeMesh()
+        invite = self.makeInvite(mesh, max_uses=1)
+        yield self.store.create_invite(invite)
+        clash = attr.evolve(self.joiner(mesh, invite), id=owner.id)
+        yield self.assertFailure(
+            self.store.join_member(clash, NOW, [self.event(mesh, "member_joined")]),
+            DuplicateKey)
+        self.assertEqual((yield self.store.get_invite(invite.id)).used_count, 0)
+        self.assertEqual((yield self.auditTypes(mesh)), [])
+
+    # -- one transaction per action -------------------------------------------
+
+    @defer.inlineCallbacks
+    def dump(self):
+        """
+        Every row of every table, for comparing the whole database.
+        """
+        tables = ("meshes", "members", "invites", "sessions", "messages", "deliveries",
+                  "send_keys", "audit_log")
+
+        def dump_txn():
+            rows = {}
+            for table in tables:
+                found = yield Query("SELECT * FROM %s" % (table,))
+                rows[table] = sorted(tuple(str(value) for value in row) for row in found)
+            return rows
+
+        return (yield self.store.run_interaction("dump", dump_txn, write=False))
+
+    @defer.inlineCallbacks
+    def assertAllOrNothing(self, action):
+        """
+        Run C{action()} (a store call) with a failure injected after its
+        first, second, … statement until it succeeds, asserting after each
+        failed attempt that the database is exactly as before; then assert
+        that the action changed something.
+        """
+        before = yield self.dump()
+        real = self.store.run_interaction
+        for allowed in range(1, 100):
+
+            def failing(desc, txn_function, *args, write=True, allowed=allowed):
+                def counted(*inner):
+                    steps = txn_function(*inner)
+                    result = None
+                    for _ in range(allowed):
+                        try:
+                            operation = steps.send(result)
+                        except StopIteration as stop:
+                            return stop.value
+                        result = yield operation
+                    raise InjectedFailure("after %d statements of %s" % (allowed, desc))
+
+                return real(desc, counted, *args, write=write)
+
+            self.store.run_interaction = failing
+            try:
+                yield action()
+            except InjectedFailure:
+                failed = True
+            else:
+                failed = False
+            finally:
+                self.store.run_interaction = real
+            if not failed:
+                break
+            self.assertEqual((yield self.dump()), before, "half-done after %d" % (allowed,))
+        self.assertGreater(allowed, 1, "the action ran no statement")
+        self.assertNotEqual((yield self.dump()), before)
+
+    @defer.inlineCallbacks
+    def test_membership_actions_all_or_nothing(self):
+        """Every membership action, failed after any of its statements, leaves nothing behind."""
+        mesh, owner = yield self.makeMesh()
+        invite = self.makeInvite(mesh, max_uses=5)
+        yield self.assertAllOrNothing(
+            lambda: self.store.create_invite(invite, [self.event(mesh, "invite_created")]))
+        member = self.joiner(mesh, invite)
+        yield self.assertAllOrNothing(
+            lambda: self.store.join_member(member, NOW, [self.event(mesh, "member_joined")]))
+        yield self.assertAllOrNothing(lambda: self.store.set_member_role(
+            member.id, "admin", [self.event(mesh, "role_changed")]))
+        yield self.assertAllOrNothing(lambda: self.store.hand_over_ownership(
+            owner.id, member.id, [self.event(mesh, "role_changed")]))
+        yield self.assertAllOrNothing(lambda: self.store.ban_member(
+            owner.id, NOW, [self.event(mesh, "member_banned")]))
+        yield self.assertAllOrNothing(lambda: self.store.unban_member(
+            owner.id, [self.event(mesh, "member_unbanned")]))
+        yield self.assertAllOrNothing(lambda: self.store.revoke_invite(
+            invite.id, NOW, [self.event(mesh, "invite_revoked")]))
+        yield self.assertAllOrNothing(lambda: self.store.remove_member(
+            owner.id, [self.event(mesh, "member_left")]))
+        other = MeshRecord(self._id("mesh"), "Two", "two", "k-two", NOW)
+        yield self.assertAllOrNothing(lambda: self.store.create_mesh(
+            other, MemberRecord(self._id("member"), other.id, "k-two", "o", "owner", NOW),
+            [AuditEvent(other.id, "mesh_created", None, {}, NOW)]))
+
+    @defer.inlineCallbacks
+    def test_session_batch_all_or_nothing(self):
+        """A batch that opens and closes sessions with their audit events is all or nothing."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        one = self.makeSession(mesh, bob)
+        yield self.store.open_sessions([one])
+        message = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        yield self.store.enqueue([message])
+        yield self.claim(bob, one.presence_id)
+        two = self.makeSession(mesh, bob)
+        batch = WriteBatch(
+            opens=(two,), audit=(self.event(mesh, "peer_joined"),
+                                 self.event(mesh, "peer_left")),
+            acks=((message.id, bob.id, bob.id),), closes=((one.presence_id, NOW + 1),),
+            now=NOW + 1)
+        yield self.assertAllOrNothing(lambda: self.store.write_batch(batch))
 
     # -- sessions ---------------------------------------------------------------
 
@@ -588,7 +783,7 @@ class StoreTestsMixin:
             opens=(two,), messages=(fresh,), audit=(event,),
             updates=((two.presence_id, {"status": "working", "status_source": "manual",
                                         "status_updated_at": NOW + 5}),),
-            acks=((old.id, bob.id),), releases=(one.presence_id,),
+            acks=((old.id, bob.id, bob.id),), releases=(one.presence_id,),
             closes=((one.presence_id, NOW + 6),), now=NOW + 7))
         self.assertEqual([r.message_id for r in results], [fresh.id])
         [session] = yield self.store.list_open_sessions(mesh.id)
@@ -681,15 +876,41 @@ class StoreTestsMixin:
 
     @defer.inlineCallbacks
     def test_claim_session_deliveries_only(self):
-        """Without a member id only the session's own deliveries are claimed (watchers)."""
+        """Without member deliveries only the session's own deliveries are claimed (watchers)."""
         mesh, owner, bob = yield self.meshWithRecipient()
         to_member = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
         to_session = self.makeMessage(mesh, owner, [NewDelivery(bob.id, session_pubkey="spk-1")])
         yield self.store.enqueue([to_member, to_session])
-        claimed = yield self.store.claim_deliveries(
-            None, "spk-1", "p-watch", [], ALL, NOW, LEASE, 10)
+        claimed = yield self.store.claim_deliveries(ClaimRequest(
+            bob.id, "spk-1", "p-watch", (), ALL, NOW, LEASE, 10, member_deliveries=False))
         self.assertEqual([c.message_id for c in claimed], [to_session.id])
         self.assertEqual([c.message_id for c in (yield self.claim(bob, "p2"))], [to_member.id])
+
+    @defer.inlineCallbacks
+    def test_claim_scoped_by_member(self):
+        """Another member naming the same session key claims none of its deliveries."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        carol = yield self.addMember(mesh)
+        other_mesh, other_owner = yield self.makeMesh()
+        stranger = yield self.addMember(other_mesh)
+        message = self.makeMessage(mesh, owner, [NewDelivery(bob.id, session_pubkey="spk")])
+        yield self.store.enqueue([message])
+        self.assertEqual((yield self.claim(carol, "p-carol", session_pubkey="spk")), [])
+        self.assertEqual((yield self.claim(stranger, "p-stranger", session_pubkey="spk")), [])
+        [claimed] = yield self.claim(bob, "p-bob", session_pubkey="spk")
+        self.assertEqual(claimed.message_id, message.id)
+
+    @defer.inlineCallbacks
+    def test_ack_scoped_by_member(self):
+        """An acknowledgement by another member confirms nothing."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        carol = yield self.addMember(mesh)
+        message = self.makeMessage(
+            mesh, owner, [NewDelivery(bob.id), NewDelivery(bob.id, session_pubkey="spk")])
+        yield self.store.enqueue([message])
+        foreign = [(message.id, carol.id, bob.id), (message.id, carol.id, "spk")]
+        self.assertEqual((yield self.store.ack_deliveries(foreign, NOW)), 0)
+        self.assertEqual((yield self.store.count_queued()), 2)
 
     @defer.inlineCallbacks
     def test_claim_skips_expired(self):
@@ -750,7 +971,8 @@ class StoreTestsMixin:
         queued = self.makeMessage(mesh, owner, [NewDelivery(bob.id, session_pubkey="s")])
         yield self.store.enqueue([leased, queued])
         yield self.claim(bob, "p1")
-        acks = [(leased.id, bob.id), (queued.id, "s"), ("nope", bob.id), (leased.id, "x")]
+        acks = [(leased.id, bob.id, bob.id), (queued.id, bob.id, "s"), ("nope", bob.id, bob.id),
+                (leased.id, bob.id, "x")]
         self.assertEqual((yield self.store.ack_deliveries(acks, NOW + 1)), 2)
         self.assertEqual((yield self.store.ack_deliveries(acks, NOW + 2)), 0)
         self.assertEqual((yield self.store.ack_deliveries([], NOW + 2)), 0)
@@ -773,13 +995,14 @@ class StoreTestsMixin:
         long = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
         yield self.store.enqueue([short, long])
         yield self.claim(bob, "p1", limit=1)
-        yield self.store.ack_deliveries([(short.id, bob.id)], NOW + 1)
+        yield self.store.ack_deliveries([(short.id, bob.id, bob.id)], NOW + 1)
         self.assertEqual((yield self.store.expire_deliveries(NOW + 9)), 0)
         self.assertEqual((yield self.store.expire_deliveries(NOW + 10)), 1)
         states = {d.recipient_key: d.state
                   for d in (yield self.store.message_deliveries(short.id))}
         self.assertEqual(states, {bob.id: "delivered", carol.id: "expired"})
-        self.assertEqual((yield self.store.ack_deliveries([(short.id, carol.id)], NOW)), 0)
+        late = [(short.id, carol.id, carol.id)]
+        self.assertEqual((yield self.store.ack_deliveries(late, NOW)), 0)
         self.assertEqual((yield self.store.count_queued()), 1)
 
     @defer.inlineCallbacks
@@ -791,7 +1014,7 @@ class StoreTestsMixin:
         pending = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
         recent = self.makeMessage(mesh, owner, [], created_at=NOW + 100)
         yield self.store.enqueue([done, pending, recent])
-        yield self.store.ack_deliveries([(done.id, bob.id)], NOW + 1)
+        yield self.store.ack_deliveries([(done.id, bob.id, bob.id)], NOW + 1)
         self.assertEqual((yield self.store.delete_messages_before(NOW + 50)), 1)
         self.assertIsNone((yield self.store.get_message(done.id)))
         self.assertEqual((yield self.store.message_deliveries(done.id)), [])
@@ -810,7 +1033,7 @@ class StoreTestsMixin:
         messages = [self.makeMessage(mesh, owner, [NewDelivery(bob.id)]) for _ in range(3)]
         yield self.store.enqueue(messages)
         yield self.claim(bob, limit=1)
-        yield self.store.ack_deliveries([(messages[2].id, bob.id)], NOW)
+        yield self.store.ack_deliveries([(messages[2].id, bob.id, bob.id)], NOW)
         self.assertEqual((yield self.store.count_queued()), 2)
 
     # -- audit ------------------------------------------------------------------

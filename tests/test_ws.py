@@ -130,7 +130,7 @@ class HelloOverTheWireTests(WireTestCase):
 
     def test_revoked_closes_4002(self):
         """A revoked member gets error revoked with the exact message, then close 4002 banned."""
-        self.fx.store.set_member_revoked(self.alice.member.id, self.fx.now_ms())
+        self.fx.store.ban_member(self.alice.member.id, self.fx.now_ms())
         wire = self.wire()
         before = self.snapshot()
         wire.send(self.alice.hello_dict(_reqId="h"))
@@ -350,3 +350,19 @@ class LivenessTests(WireTestCase):
         self.assertIsNone(session.connection)
         self.assertIsNotNone(session.grace_call)
         self.assertIn(session.presence_id, self.fx.broker.cached_mesh(self.alice.mesh.id).sessions)
+
+
+class FailedRequestTests(WireTestCase):
+    def test_store_failure_answered(self):
+        """A request the store fails on is answered error internal with its _reqId, logged once."""
+        owner = self.hello(self.owner)
+        self.hello(self.alice)
+        sql = ("CREATE TRIGGER injected_failure BEFORE UPDATE ON members"
+               " BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+        result_of(self.fx.store._connection.run(lambda connection: connection.execute(sql)))
+        owner.send({"type": "ban", "target": "alice", "_reqId": "b1"})
+        self.assertEqual(owner.last(), {
+            "type": "error", "code": "internal", "_reqId": "b1",
+            "message": "the broker could not complete this request"})
+        self.assertOpen(owner)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)

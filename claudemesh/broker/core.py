@@ -33,7 +33,13 @@ from claudemesh.audit import iso_millis
 from claudemesh.broker.groupcommit import GroupCommit
 from claudemesh.broker.ratelimit import TokenBuckets
 from claudemesh.broker.status import DELIVERABLE, StatusState, apply_signal, decay, may_receive
-from claudemesh.store.records import AuditEvent, NewDelivery, NewMessage, SessionRecord
+from claudemesh.store.records import (
+    AuditEvent,
+    ClaimRequest,
+    NewDelivery,
+    NewMessage,
+    SessionRecord,
+)
 
 HELLO_SKEW_MS = 60_000
 CLAIM_BATCH = 200
@@ -1018,12 +1024,13 @@ class Broker(service.Service):
         session.drain_again = False
         connection = session.connection
         now = self.now_ms()
-        # No member id for a watching session: its session deliveries only.
-        d = self.store.claim_deliveries(
-            None if session.watch else session.member.id, session.session_pubkey,
-            session.presence_id, [] if session.watch else expand_groups(session.groups),
-            list(DELIVERABLE[session.status.status]),
-            now, self.settings.lease_seconds * 1000, CLAIM_BATCH)
+        # A watching session takes its own session deliveries only.
+        d = self.store.claim_deliveries(ClaimRequest(
+            member_id=session.member.id, session_pubkey=session.session_pubkey,
+            presence_id=session.presence_id, groups=tuple(expand_groups(session.groups)),
+            priorities=tuple(DELIVERABLE[session.status.status]), now=now,
+            lease_ms=self.settings.lease_seconds * 1000, limit=CLAIM_BATCH,
+            member_deliveries=not session.watch))
 
         def claimed(rows):
             session.draining = False
@@ -1094,19 +1101,20 @@ class Broker(service.Service):
 
     def client_ack(self, session, frame):
         self.touch(session)
+        member_id = session.member.id
         held = session.inflight.pop(frame.messageId, None)
         if held is not None:
-            self.writes.ack(frame.messageId, held[0])
+            self.writes.ack(frame.messageId, member_id, held[0])
             return
         # Not (or no longer) leased here: still confirm what this session
         # may confirm — its member's delivery or its own session delivery.
-        # Unknown pairs are ignored by the store, so this stays a no-op for
-        # unknown or repeated ids. A watching session confirms nothing of its
-        # member's.
+        # The store ignores unknown ones and those of other members, so this
+        # stays a no-op for unknown, repeated or foreign ids. A watching
+        # session confirms nothing of its member's.
         if not session.watch:
-            self.writes.ack(frame.messageId, session.member.id)
+            self.writes.ack(frame.messageId, member_id, member_id)
         if session.session_pubkey:
-            self.writes.ack(frame.messageId, session.session_pubkey)
+            self.writes.ack(frame.messageId, member_id, session.session_pubkey)
 
     @defer.inlineCallbacks
     def message_status(self, session, frame):

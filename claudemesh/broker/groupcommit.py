@@ -27,6 +27,9 @@ class GroupCommit:
         self._opens = []
         self._messages = []
         self._waiters = []
+        # (event, message): audit events in the order they happened, each
+        # with the message it records (or None). An event travels in the
+        # batch of its message, never in an earlier one.
         self._audit = []
         self._updates = []
         self._acks = []
@@ -53,12 +56,12 @@ class GroupCommit:
         self._messages.append(message)
         self._waiters.append(d)
         if audit is not None:
-            self._audit.append(audit)
+            self._audit.append((audit, message))
         self._schedule()
         return d
 
     def audit(self, event):
-        self._audit.append(event)
+        self._audit.append((event, None))
         self._schedule()
 
     def open_session(self, record):
@@ -69,8 +72,8 @@ class GroupCommit:
         self._updates.append((presence_id, fields))
         self._schedule()
 
-    def ack(self, message_id, recipient_key):
-        self._acks.append((message_id, recipient_key))
+    def ack(self, message_id, member_id, recipient_key):
+        self._acks.append((message_id, member_id, recipient_key))
         self._schedule()
 
     def release_leases(self, presence_id):
@@ -114,14 +117,26 @@ class GroupCommit:
         the Deferreds waiting for it.
         """
         cut = self._max_batch
+        audit_cut = len(self._audit)
+        if len(self._messages) > cut:
+            # The events of the messages left for the next batch wait with
+            # them, and so does everything that happened after them: the
+            # chain keeps the order of events, and no event commits before
+            # what it records.
+            first_left = self._messages[cut]
+            audit_cut = next(
+                (i for i, (_, message) in enumerate(self._audit) if message is first_left),
+                audit_cut)
         batch = WriteBatch(
             opens=tuple(self._opens), messages=tuple(self._messages[:cut]),
-            audit=tuple(self._audit), updates=tuple(self._updates), acks=tuple(self._acks),
+            audit=tuple(event for event, _ in self._audit[:audit_cut]),
+            updates=tuple(self._updates), acks=tuple(self._acks),
             releases=tuple(self._releases), closes=tuple(self._closes),
             now=int(self._clock.seconds() * 1000))
         waiters, release_waiters = self._waiters[:cut], self._release_waiters
         self._messages, self._waiters = self._messages[cut:], self._waiters[cut:]
-        self._opens, self._audit, self._updates, self._acks = [], [], [], []
+        self._audit = self._audit[audit_cut:]
+        self._opens, self._updates, self._acks = [], [], []
         self._releases, self._release_waiters, self._closes = [], [], []
         return batch, waiters, release_waiters
 
@@ -129,7 +144,7 @@ class GroupCommit:
         # Put back what does not answer anyone, in front of newer writes,
         # for the next attempt.
         self._opens[:0] = batch.opens
-        self._audit[:0] = [e for e in batch.audit if e.event_type != "message_sent"]
+        self._audit[:0] = [(e, None) for e in batch.audit if e.event_type != "message_sent"]
         self._updates[:0] = batch.updates
         self._acks[:0] = batch.acks
         self._releases[:0] = batch.releases

@@ -3,9 +3,11 @@ Membership and moderation: meshes, invites, joins, roles, and the three
 tiers of removal (DESIGN section 5 and section 4.4).
 
 Like the rest of the core this knows no sockets and no SQL: it works on the
-L{Broker}'s in-memory meshes and sessions and writes through its store. A
-store write happens before the in-memory state changes, so a failed write
-leaves both as they were.
+L{Broker}'s in-memory meshes and sessions and writes through its store. Each
+action that changes stored state is one store transaction that also holds
+its audit entry (L{IStore.ban_member}, L{IStore.join_member}, …), and it
+happens before the in-memory state changes, so a failed write leaves both as
+they were.
 
 Removal tiers:
   - C{disconnect}: close 1000 C{disconnected}; the session enters grace and
@@ -61,8 +63,15 @@ class Membership:
     def _now(self):
         return self._broker.now_ms()
 
+    def _event(self, mesh_id, event_type, actor, payload):
+        return AuditEvent(mesh_id, event_type, actor, payload, self._now())
+
     def _audit(self, mesh_id, event_type, actor, payload):
-        self._broker.writes.audit(AuditEvent(mesh_id, event_type, actor, payload, self._now()))
+        """
+        Record an action that changed nothing stored (a disconnect or kick)
+        with the next group commit.
+        """
+        self._broker.writes.audit(self._event(mesh_id, event_type, actor, payload))
 
     # -- authorisation -----------------------------------------------------------
 
@@ -168,8 +177,8 @@ class Membership:
             raise Refusal("bad_signature", "signature does not verify with ownerPubkey")
         mesh = MeshRecord(new_id(), name, slugify(name), owner_pubkey, now)
         owner = MemberRecord(new_id(), mesh.id, owner_pubkey, display_name, "owner", now)
-        yield self._store.create_mesh(mesh, owner)
-        self._audit(mesh.id, "mesh_created", owner.id, {"name": name, "ownerPubkey": owner_pubkey})
+        yield self._store.create_mesh(mesh, owner, [self._event(
+            mesh.id, "mesh_created", owner.id, {"name": name, "ownerPubkey": owner_pubkey})])
         self._log.info("mesh {mesh_id} created", mesh_id=mesh.id)
         return {"meshId": mesh.id, "memberId": owner.id, "slug": mesh.slug, "name": mesh.name}
 
@@ -185,10 +194,10 @@ class Membership:
         expires_at = now // 1000 + frame.expiresIn
         invite = InviteRecord(new_id(), session.mesh.id, frame.role, frame.maxUses,
                               expires_at * 1000, session.member.id, now)
-        yield self._store.create_invite(invite)
-        self._audit(session.mesh.id, "invite_created", session.member.id, {
-            "inviteId": invite.id, "role": invite.role, "maxUses": invite.max_uses,
-            "expiresAt": expires_at})
+        yield self._store.create_invite(invite, [self._event(
+            session.mesh.id, "invite_created", session.member.id, {
+                "inviteId": invite.id, "role": invite.role, "maxUses": invite.max_uses,
+                "expiresAt": expires_at})])
         return {"type": "invite_created", "inviteId": invite.id, "expiresAt": expires_at,
                 "role": invite.role, "maxUses": invite.max_uses, "meshId": session.mesh.id,
                 "meshName": session.mesh.name}
@@ -212,8 +221,8 @@ class Membership:
             raise Refusal("not_found", "invite not found")
         if session.member.role == "admin" and invite.role != "member":
             raise Refusal("forbidden", "only the owner can revoke an admin invite")
-        yield self._store.revoke_invite(invite.id, self._now())
-        self._audit(session.mesh.id, "invite_revoked", session.member.id, {"inviteId": invite.id})
+        yield self._store.revoke_invite(invite.id, self._now(), [self._event(
+            session.mesh.id, "invite_revoked", session.member.id, {"inviteId": invite.id})])
         return {"type": "revoke_invite_ack", "inviteId": invite.id}
 
     # -- joining ---------------------------------------------------------------------
@@ -270,22 +279,25 @@ class Membership:
             # Re-joining with the same key is the existing membership, and
             # takes no use of the invite.
             return self._join_result(mesh, existing)
-        taken = yield self._store.consume_invite(invite.id, now)
-        if not taken:
-            raise Refusal("invite_exhausted", "the invite has no uses left")
         member = MemberRecord(new_id(), mesh.id, frame.pubkey, frame.displayName, invite.role,
                               now, invite_id=invite.id)
-        try:
-            yield self._store.add_member(member)
-        except DuplicateKey:
-            # The same key joined concurrently through another request.
-            raced = yield self._store.find_member(mesh.id, frame.pubkey)
-            mesh.put_member(raced)
-            return self._join_result(mesh, raced)
-        mesh.put_member(member)
-        self._audit(mesh.id, "member_joined", member.id, {
+        joined = self._event(mesh.id, "member_joined", member.id, {
             "pubkey": member.pubkey, "role": member.role, "inviteId": invite.id})
-        return self._join_result(mesh, member)
+        try:
+            outcome = yield self._store.join_member(member, now, [joined])
+        except DuplicateKey:
+            # The same key joined concurrently through another request; this
+            # transaction, and the use of the invite it took, rolled back.
+            found = yield self._store.find_member(mesh.id, frame.pubkey)
+        else:
+            if outcome.member is None:
+                raise Refusal("invite_exhausted", "the invite has no uses left")
+            found = outcome.member
+        mesh.put_member(found)
+        if found.revoked_at is not None:
+            raise Refusal("revoked", revoked_message(mesh.name),
+                          close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
+        return self._join_result(mesh, found)
 
     def _join_result(self, mesh, member):
         return {"meshId": mesh.id, "memberId": member.id, "role": member.role,
@@ -303,13 +315,15 @@ class Membership:
         if target.id == session.member.id:
             raise Refusal("invalid", "you are the owner: hand ownership over with role owner "
                           "to another member")
-        yield self._store.set_member_role(target.id, frame.role)
-        if frame.role == "owner":
-            yield self._store.set_member_role(session.member.id, "admin")
-            self._replace_member(mesh, attr.evolve(session.member, role="admin"))
-        self._replace_member(mesh, attr.evolve(target, role=frame.role))
-        self._audit(mesh.id, "role_changed", session.member.id, {
+        changed = self._event(mesh.id, "role_changed", session.member.id, {
             "target": target.display_name, "targetPubkey": target.pubkey, "role": frame.role})
+        if frame.role == "owner":
+            # Both roles change in one transaction: never two owners.
+            yield self._store.hand_over_ownership(session.member.id, target.id, [changed])
+            self._replace_member(mesh, attr.evolve(session.member, role="admin"))
+        else:
+            yield self._store.set_member_role(target.id, frame.role, [changed])
+        self._replace_member(mesh, attr.evolve(target, role=frame.role))
         return {"type": "set_role_ack", "target": target.display_name, "role": frame.role}
 
     @defer.inlineCallbacks
@@ -320,10 +334,10 @@ class Membership:
             raise Refusal("invalid", "the owner must hand ownership over first "
                           "(set_role <member> owner)")
         mesh = session.mesh
-        yield self._store.remove_member(member.id)
+        yield self._store.remove_member(member.id, [self._event(
+            mesh.id, "member_left", member.id, {"pubkey": member.pubkey})])
         mesh.members.pop(member.id, None)
         mesh.members_by_pubkey.pop(member.pubkey, None)
-        self._audit(mesh.id, "member_left", member.id, {"pubkey": member.pubkey})
         for s in mesh.sessions_of(member.id):
             if s is not session:
                 self._broker.end_connection(s, protocol.CLOSE_NORMAL, "left", "left")
@@ -400,18 +414,17 @@ class Membership:
         member, _ = self.resolve(mesh, frame.target)
         self._check_target(session, member, "ban")
         now = broker.now_ms()
-        yield self._store.set_member_revoked(member.id, now)
-        if member.invite_id is not None:
-            # A ban is per key: the invite that key came with goes too.
-            yield self._store.revoke_invite(member.invite_id, now)
+        # One transaction: the revocation, the invite that key came with (a
+        # ban is per key) and the audit entry.
+        yield self._store.ban_member(member.id, now, [self._event(
+            mesh.id, "member_banned", session.member.id, {
+                "target": member.display_name, "targetPubkey": member.pubkey})])
         self._replace_member(mesh, attr.evolve(member, revoked_at=now))
         error = protocol.error_frame("revoked", revoked_message(mesh.name))
         for s in mesh.sessions_of(member.id):
             if s.live:
                 s.connection.send(error)
             broker.end_connection(s, protocol.CLOSE_BANNED, protocol.REASON_BANNED, "banned")
-        self._audit(mesh.id, "member_banned", session.member.id, {
-            "target": member.display_name, "targetPubkey": member.pubkey})
         return {"type": "ban_ack", "banned": member.display_name}
 
     @defer.inlineCallbacks
@@ -422,10 +435,10 @@ class Membership:
         member, _ = self.resolve(mesh, frame.target, revoked=True)
         if member.role == "admin" and session.member.role != "owner":
             raise Refusal("forbidden", "only the owner can unban an admin")
-        yield self._store.set_member_revoked(member.id, None)
+        yield self._store.unban_member(member.id, [self._event(
+            mesh.id, "member_unbanned", session.member.id, {
+                "target": member.display_name, "targetPubkey": member.pubkey})])
         self._replace_member(mesh, attr.evolve(member, revoked_at=None))
-        self._audit(mesh.id, "member_unbanned", session.member.id, {
-            "target": member.display_name, "targetPubkey": member.pubkey})
         return {"type": "unban_ack", "unbanned": member.display_name}
 
     def list_bans(self, session, frame):

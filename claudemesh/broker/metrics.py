@@ -44,3 +44,12 @@ class BrokerMetrics:
         self.store_batch_size = Histogram(
             "claudemesh_store_batch_size", "Operations per committed store batch.",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
+        self.store_transaction_seconds = Histogram(
+            "claudemesh_store_transaction_seconds",
+            "Time of one store transaction, by its name.", ["transaction"], registry=r)
+
+    def observe_transaction(self, desc, seconds):
+        """
+        The store's C{on_transaction} hook: time one named transaction.
+        """
+        self.store_transaction_seconds.labels(desc).observe(seconds)

@@ -605,7 +605,9 @@ def makeService(config, reactor=None):
     registry = CollectorRegistry()
     register_health_metrics(registry, health)
 
-    broker = Broker(store, reactor, settings, metrics=BrokerMetrics(registry))
+    metrics = BrokerMetrics(registry)
+    store.on_transaction = metrics.observe_transaction
+    broker = Broker(store, reactor, settings, metrics=metrics)
     broker.setName("broker")
     # After the store service, so it stops first: its stopService flushes
     # the pending store writes while the store is still open.

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from claudemesh import __version__, protocol
 from claudemesh.broker.core import IPeerConnection, Refusal
 from claudemesh.broker.limits import AddressLimits
+from claudemesh.store.interface import StoreUnavailable
 
 ERROR_FLOOD_COUNT = 100
 ERROR_FLOOD_SECONDS = 10.0
@@ -202,7 +203,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         d = defer.maybeDeferred(method, session, frame)
         d.addCallbacks(self._reply, self._refused, callbackArgs=(frame,),
                        errbackArgs=(frame,))
-        d.addErrback(self._log_failure)
+        d.addErrback(self._failed, frame)
 
     def _hello(self, frame):
         self._hello_running = True
@@ -247,7 +248,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
                 self.close(*refusal.close)
 
         d.addCallbacks(joined, refused)
-        d.addErrback(self._log_failure)
+        d.addErrback(self._failed, frame)
 
     def _hello_failed(self, f):
         self._hello_running = False
@@ -274,8 +275,18 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         self._error(protocol.FrameError(refusal.code, refusal.message, frame_req_id(frame)),
                     **refusal.extra)
 
-    def _log_failure(self, f):
-        self._log.failure("a request failed", f)
+    def _failed(self, f, frame):
+        """
+        A request failed for a reason of the broker's own (the store, a
+        bug): log it, and tell the client the request was not done.
+        """
+        if f.check(StoreUnavailable):
+            self._log.warn("a {type} request failed: {error}", type=frame.TYPE, error=f.value)
+            code, message = "store_unavailable", "the broker cannot reach its store right now"
+        else:
+            self._log.failure("a {type} request failed", f, type=frame.TYPE)
+            code, message = "internal", "the broker could not complete this request"
+        self.send(protocol.error_frame(code, message, frame_req_id(frame)))
 
     def _error(self, error, **extra):
         metrics = self.factory.broker.metrics

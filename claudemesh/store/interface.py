@@ -64,11 +64,15 @@ class IStore(Interface):
         """
 
     # -- meshes and members -------------------------------------------------
+    #
+    # Each membership action is one transaction with its audit events
+    # (C{audit}, a sequence of L{AuditEvent}s appended only when the action
+    # changed something): all of it is stored, or none of it.
 
-    def create_mesh(mesh, owner):
+    def create_mesh(mesh, owner, audit=()):
         """
-        Store a L{MeshRecord} and its owner L{MemberRecord} in one
-        transaction. L{DuplicateKey} when either id exists.
+        Store a L{MeshRecord} and its owner L{MemberRecord}. L{DuplicateKey}
+        when either id exists.
         """
 
     def get_mesh(mesh_id):
@@ -78,8 +82,8 @@ class IStore(Interface):
 
     def add_member(member):
         """
-        Store a new L{MemberRecord}. L{DuplicateKey} when its id, or its
-        (mesh, pubkey), exists already.
+        Store a new L{MemberRecord} as it is (no invite involved).
+        L{DuplicateKey} when its id, or its (mesh, pubkey), exists already.
         """
 
     def get_member(member_id):
@@ -99,18 +103,42 @@ class IStore(Interface):
         first.
         """
 
-    def set_member_role(member_id, role):
+    def join_member(member, now, audit=()):
+        """
+        A new key joins with the invite C{member.invite_id}. When the mesh
+        already has a member with C{member.pubkey}, fires with that member
+        and C{joined=False}, taking no use of the invite. Otherwise takes one
+        use of the invite (neither revoked, expired at C{now} nor exhausted)
+        and stores C{member}: fires with a L{JoinOutcome} that says which
+        happened (C{member} C{None} when no use was left). Of N concurrent
+        joins of a one-use invite exactly one is stored; a concurrent join of
+        the same key fails with L{DuplicateKey} and takes no use.
+        """
+
+    def set_member_role(member_id, role, audit=()):
         """
         Change a member's role. Fires with C{True} when the member exists.
         """
 
-    def set_member_revoked(member_id, revoked_at):
+    def hand_over_ownership(owner_id, heir_id, audit=()):
         """
-        Ban (C{revoked_at} in ms) or unban (C{None}) a member. Fires with
-        C{True} when the member exists.
+        Make C{heir_id} the owner and C{owner_id} an admin, together. Fires
+        with C{True}, or C{False} (nothing changed) when the heir is not a
+        member in good standing.
         """
 
-    def remove_member(member_id):
+    def ban_member(member_id, revoked_at, audit=()):
+        """
+        Revoke a membership and the invite it joined with. Fires with
+        C{True} when it was not revoked already.
+        """
+
+    def unban_member(member_id, audit=()):
+        """
+        Lift a ban. Fires with C{True} when the member was banned.
+        """
+
+    def remove_member(member_id, audit=()):
         """
         Delete a membership and its queued deliveries. Fires with C{True} when
         it existed.
@@ -118,7 +146,7 @@ class IStore(Interface):
 
     # -- invites ------------------------------------------------------------
 
-    def create_invite(invite):
+    def create_invite(invite, audit=()):
         """
         Store a new L{InviteRecord}.
         """
@@ -133,17 +161,10 @@ class IStore(Interface):
         Every L{InviteRecord} of the mesh, oldest first.
         """
 
-    def revoke_invite(invite_id, revoked_at):
+    def revoke_invite(invite_id, revoked_at, audit=()):
         """
         Mark an invite revoked. Fires with C{True} when it existed and was not
         revoked already.
-        """
-
-    def consume_invite(invite_id, now):
-        """
-        Atomically take one use of an invite that is neither revoked, expired
-        at C{now} nor exhausted. Fires with C{True} when a use was taken; of N
-        concurrent callers on a one-use invite exactly one gets C{True}.
         """
 
     # -- the session mirror -------------------------------------------------
@@ -210,25 +231,27 @@ class IStore(Interface):
             messages, in order.
         """
 
-    def claim_deliveries(member_id, session_pubkey, presence_id, groups,
-                         priorities, now, lease_ms, limit):
+    def claim_deliveries(request):
         """
-        Lease to session C{presence_id} up to C{limit} deliveries it may take
-        now, in C{seq} order: member deliveries of C{member_id} whose group is
-        C{None} or in C{groups}, and session deliveries to C{session_pubkey};
-        only those with a priority in C{priorities}, not expired at C{now},
-        and either queued or leased with a lease that ended by C{now}. Sets
-        the lease to C{now + lease_ms} and counts an attempt. C{member_id}
-        C{None} claims session deliveries only (a watching session).
+        Lease to the session of a L{ClaimRequest} up to C{request.limit}
+        deliveries it may take now, in C{seq} order: deliveries of
+        C{request.member_id} only — member deliveries whose group is C{None}
+        or in C{request.groups}, and session deliveries to
+        C{request.session_pubkey} — with a priority in C{request.priorities},
+        not expired at C{request.now}, and either queued or leased with a
+        lease that ended by then. Sets the lease to C{now + lease_ms} and
+        counts an attempt. With C{request.member_deliveries} false, only the
+        session deliveries are claimed (a watching session).
 
         @return: a L{Deferred} firing with a list of L{ClaimedDelivery}.
         """
 
     def ack_deliveries(acks, now):
         """
-        Confirm C{[(message_id, recipient_key)]}: each queued or leased one
-        becomes delivered. Unknown or already confirmed pairs are ignored.
-        Fires with the number of deliveries confirmed.
+        Confirm C{[(message_id, member_id, recipient_key)]}: each queued or
+        leased delivery of that member becomes delivered. Unknown or already
+        confirmed ones, and another member's, are ignored. Fires with the
+        number of deliveries confirmed.
         """
 
     def release_leases(presence_ids):

@@ -45,18 +45,11 @@ from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from txpostgres.retrying import RetryingCall
 
 from claudemesh.store import schema
-from claudemesh.store._sql import (
-    CLAIMED_SELECT,
-    SESSION_UPDATABLE,
-    Execute,
-    InsertRows,
-    Query,
-    SQLStore,
-    claimable_where,
-    claimed_from_row,
-    placeholders,
-)
 from claudemesh.store.interface import DuplicateKey, StoreUnavailable
+from claudemesh.store.sql import Dialect, SQLStore
+from claudemesh.store.sql.messages import CLAIMED_SELECT, claimable_where, claimed_from_row
+from claudemesh.store.sql.operations import Execute, InsertRows, Query, placeholders
+from claudemesh.store.sql.sessions import SESSION_UPDATABLE
 
 log = Logger()
 
@@ -279,6 +272,7 @@ class PostgresStore(SQLStore):
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._pool = None
+        self.dialect = PostgresDialect(schema)
 
     def __repr__(self):
         return "<PostgresStore %s schema=%s>" % (safe_dsn(self.dsn), self.schema)
@@ -327,7 +321,8 @@ class PostgresStore(SQLStore):
         d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         d.addBoth(started)
 
-        opened.addCallback(lambda _: self._transact(schema.migrate, self))
+        opened.addCallback(
+            lambda _: self._run_transaction(schema.migrate, (self.dialect,), True))
 
         def failed(failure):
             self._close_pool()
@@ -356,7 +351,7 @@ class PostgresStore(SQLStore):
 
     # -- running transactions -----------------------------------------------
 
-    def _transact(self, operation, *args, write=True):
+    def _run_transaction(self, operation, args, write):
         if self._pool is None:
             return defer.fail(self._unavailable("the store is not open"))
         d = self._pool.runInteraction(_drive, operation, args)
@@ -371,15 +366,24 @@ class PostgresStore(SQLStore):
             raise self._unavailable(_describe(failure)) from failure.value
         return failure
 
-    # -- the dialect ---------------------------------------------------------
 
-    def _lock_key(self, *parts):
+class PostgresDialect(Dialect):
+    """
+    What Postgres does its own way: several connections (and brokers) share
+    the database, so sequence numbers, audit chains and the schema upgrade
+    take advisory locks, and a claim skips rows another claim holds.
+    """
+
+    def __init__(self, schema):
+        self.schema = schema
+
+    def lock_key(self, *parts):
         return "claudemesh/%s/%s" % (self.schema, "/".join(parts))
 
     def migration_prologue(self):
         yield Query(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (self._lock_key("schema"),),
+            (self.lock_key("schema"),),
         )
         # CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when
         # the schema exists; a database role may own a pre-made schema only.
@@ -399,39 +403,27 @@ class PostgresStore(SQLStore):
     def migration_epilogue(self):
         yield Execute("CREATE SEQUENCE IF NOT EXISTS message_seq")
 
-    def _next_seqs(self, count):
+    def next_seqs(self, count):
         if not count:
             return []
         yield Query(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (self._lock_key("enqueue"),),
+            (self.lock_key("enqueue"),),
         )
         rows = yield Query(
             "SELECT nextval('message_seq') FROM generate_series(1, %s)", (count,)
         )
         return sorted(int(row[0]) for row in rows)
 
-    def _lock_chains(self, mesh_ids):
+    def lock_chains(self, mesh_ids):
         yield Query(
             "SELECT pg_advisory_xact_lock(hashtextextended(k, 0))"
             " FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) AS keys",
-            ([self._lock_key("audit", mesh_id) for mesh_id in sorted(mesh_ids)],),
+            ([self.lock_key("audit", mesh_id) for mesh_id in sorted(mesh_ids)],),
         )
 
-    def _claim(
-        self,
-        member_id,
-        session_pubkey,
-        presence_id,
-        groups,
-        priorities,
-        now,
-        lease_ms,
-        limit,
-    ):
-        where, params = claimable_where(
-            member_id, session_pubkey, groups, priorities, now
-        )
+    def claim_txn(self, request):
+        where, params = claimable_where(request)
         rows = yield Query(
             "WITH picked AS ("
             " SELECT d.message_id, d.recipient_key FROM deliveries d WHERE %s"
@@ -443,11 +435,11 @@ class PostgresStore(SQLStore):
             " AND u.recipient_key = p.recipient_key RETURNING u.*"
             ") SELECT %s FROM claimed c JOIN messages m ON m.id = c.message_id"
             " ORDER BY c.seq, c.recipient_key" % (where, CLAIMED_SELECT.format(d="c")),
-            params + (limit, presence_id, now + lease_ms),
+            params + (request.limit, request.presence_id, request.now + request.lease_ms),
         )
         return [claimed_from_row(row) for row in rows]
 
-    def _update_session_rows(self, columns, rows):
+    def update_session_rows(self, columns, rows):
         # One statement for every session changing these columns.
         names = ", ".join(columns + ("presence_id",))
         sets = ", ".join(

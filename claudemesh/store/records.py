@@ -144,6 +144,39 @@ class EnqueueResult:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class ClaimRequest:
+    """
+    What one session asks to lease: up to C{limit} deliveries of its member
+    C{member_id} (of no group, or of one of C{groups}) and those addressed
+    to its own C{session_pubkey}, of the C{priorities} it may take, leased to
+    C{presence_id} until C{now + lease_ms}. A watching session
+    (C{member_deliveries} false) takes its session deliveries only.
+    """
+
+    member_id: str
+    session_pubkey: str | None
+    presence_id: str
+    groups: tuple
+    priorities: tuple
+    now: int
+    lease_ms: int
+    limit: int
+    member_deliveries: bool = True
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class JoinOutcome:
+    """
+    What L{IStore.join_member} did: C{member} is the new or the existing
+    membership of that key (C{None} when the invite had no use left), and
+    C{joined} says whether a new one was stored (taking one use).
+    """
+
+    member: MemberRecord | None
+    joined: bool
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class ClaimedDelivery:
     """
     A delivery leased to one session, with what the push frame needs.
@@ -226,7 +259,8 @@ class WriteBatch:
 
     @ivar updates: C{[(presence_id, {column: value})]} as for
         L{IStore.update_sessions}.
-    @ivar acks: C{[(message_id, recipient_key)]}, confirmed at C{now}.
+    @ivar acks: C{[(message_id, member_id, recipient_key)]}, confirmed at
+        C{now}.
     @ivar closes: C{[(presence_id, disconnected_at)]}.
     """
 

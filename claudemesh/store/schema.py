@@ -9,7 +9,7 @@ The schema lives in this package's C{schema/} directory:
 
 The database records its version in the one-row C{schema_version} table.
 L{migrate} is written once for both backends: it is a generator of SQL
-operations (L{claudemesh.store._sql}) that the SQLite and Postgres stores run
+operations (L{claudemesh.store.sql.operations}) that the SQLite and Postgres stores run
 inside a single transaction, so a failed upgrade leaves the database as it
 was. Backend specifics (the Postgres schema, its advisory lock, its sequence)
 come from the store's dialect.
@@ -17,8 +17,8 @@ come from the store's dialect.
 
 from importlib import resources
 
-from claudemesh.store._sql import Execute, Query
 from claudemesh.store.interface import SchemaTooNew, StoreError
+from claudemesh.store.sql.operations import Execute, Query
 
 CURRENT_VERSION = 2
 

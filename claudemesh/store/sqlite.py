@@ -27,18 +27,17 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 
 from claudemesh.store import schema
-from claudemesh.store._sql import (
-    CLAIMED_SELECT,
+from claudemesh.store.interface import DuplicateKey, StoreUnavailable
+from claudemesh.store.sql import Dialect, SQLStore
+from claudemesh.store.sql.messages import CLAIMED_SELECT, claimable_where, claimed_from_row
+from claudemesh.store.sql.operations import (
     Execute,
     InsertRows,
     Query,
-    SQLStore,
-    claimable_where,
-    claimed_from_row,
     flatten,
     placeholders,
+    run_inline,
 )
-from claudemesh.store.interface import DuplicateKey, StoreUnavailable
 
 # How long a statement waits for another process's write lock, in ms.
 BUSY_TIMEOUT_MS = 5000
@@ -64,19 +63,6 @@ def _execute(cursor, operation):
             cursor.executemany(_qmark(operation.statement(one_row)), operation.rows)
         return None
     raise TypeError("not an SQL operation: %r" % (operation,))
-
-
-def _drive(cursor, generator):
-    """
-    Run a generator of SQL operations to completion on C{cursor}.
-    """
-    result = None
-    while True:
-        try:
-            operation = generator.send(result)
-        except StopIteration as stop:
-            return stop.value
-        result = _execute(cursor, operation)
 
 
 def _configure(connection):
@@ -152,7 +138,7 @@ class SQLiteStore(SQLStore):
         self.path = path
         self._reactor = reactor
         self._connection = None
-        self._seqs = None
+        self.dialect = SQLiteDialect()
 
     @classmethod
     def inline(cls, path=":memory:"):
@@ -170,7 +156,7 @@ class SQLiteStore(SQLStore):
             self._connection = _InlineConnection(self.path)
         else:
             self._connection = _PooledConnection(self.path, self._reactor)
-        d = self._transact(self._open)
+        d = self._run_transaction(self._open_txn, (), True)
 
         def failed(failure):
             self._close_connection()
@@ -178,10 +164,10 @@ class SQLiteStore(SQLStore):
 
         return d.addErrback(failed)
 
-    def _open(self):
-        yield from schema.migrate(self)
+    def _open_txn(self):
+        yield from schema.migrate(self.dialect)
         rows = yield Query("SELECT COALESCE(MAX(seq), 0) FROM messages")
-        self._seqs = itertools.count(int(rows[0][0]) + 1)
+        self.dialect.seqs = itertools.count(int(rows[0][0]) + 1)
 
     def close(self):
         self._close_connection()
@@ -193,14 +179,14 @@ class SQLiteStore(SQLStore):
             connection.close()
 
     def ping(self):
-        return self._transact(self._ping, write=False)
+        return self.run_interaction("ping", self._ping_txn, write=False)
 
-    def _ping(self):
+    def _ping_txn(self):
         yield Query("SELECT 1")
 
     # -- running transactions -----------------------------------------------
 
-    def _transact(self, operation, *args, write=True):
+    def _run_transaction(self, operation, args, write):
         if self._connection is None:
             return defer.fail(StoreUnavailable("%r is not open" % (self,)))
         d = self._connection.run(self._run, operation, args, write)
@@ -214,7 +200,7 @@ class SQLiteStore(SQLStore):
         # process wrote in between.
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            return _drive(cursor, operation(*args))
+            return run_inline(operation(*args), lambda step: _execute(cursor, step))
         finally:
             cursor.close()
 
@@ -228,7 +214,17 @@ class SQLiteStore(SQLStore):
             raise StoreUnavailable("%s: %s" % (self.path, error)) from error
         return failure
 
-    # -- the dialect ---------------------------------------------------------
+
+
+class SQLiteDialect(Dialect):
+    """
+    What SQLite does its own way. The single connection serialises every
+    transaction, so sequence numbers come from a counter in memory and the
+    audit chains need no lock.
+    """
+
+    def __init__(self):
+        self.seqs = None
 
     def migration_prologue(self):
         # BEGIN IMMEDIATE already holds the database's write lock.
@@ -245,34 +241,21 @@ class SQLiteStore(SQLStore):
         return
         yield
 
-    def _next_seqs(self, count):
-        return [next(self._seqs) for _ in range(count)]
+    def next_seqs(self, count):
+        return [next(self.seqs) for _ in range(count)]
         yield
 
-    def _lock_chains(self, mesh_ids):
-        # The single connection serialises every transaction already.
+    def lock_chains(self, mesh_ids):
         return
         yield
 
-    def _claim(
-        self,
-        member_id,
-        session_pubkey,
-        presence_id,
-        groups,
-        priorities,
-        now,
-        lease_ms,
-        limit,
-    ):
-        where, params = claimable_where(
-            member_id, session_pubkey, groups, priorities, now
-        )
+    def claim_txn(self, request):
+        where, params = claimable_where(request)
         rows = yield Query(
             "SELECT %s FROM deliveries d JOIN messages m ON m.id = d.message_id"
             " WHERE %s ORDER BY d.seq, d.recipient_key LIMIT %%s"
             % (CLAIMED_SELECT.format(d="d"), where),
-            params + (limit,),
+            params + (request.limit,),
         )
         if not rows:
             return []
@@ -283,6 +266,7 @@ class SQLiteStore(SQLStore):
             " lease_until = %%s, attempts = attempts + 1"
             " WHERE message_id IN (%s) AND (message_id, recipient_key) IN (VALUES %s)"
             % (placeholders(len(message_ids)), placeholders(len(keys), 2)),
-            (presence_id, now + lease_ms) + tuple(message_ids) + flatten(keys),
+            (request.presence_id, request.now + request.lease_ms)
+            + tuple(message_ids) + flatten(keys),
         )
         return [claimed_from_row(row, attempts_delta=1) for row in rows]
