@@ -40,12 +40,28 @@ STATUSES = ("idle", "working", "dnd")
 WS_STATUS_SOURCES = ("manual", "jsonl")
 ROLES = ("owner", "admin", "member")
 
+# How much larger than the send frame that carried it a push may be: the
+# push repeats targetSpec, priority, nonce and ciphertext (each encoded no
+# longer than the sender had to encode it) and adds messageId, meshId (an id,
+# at most 128 characters), senderPubkey, senderMemberPubkey, createdAt and
+# seq: under 500 bytes. The broker's outbound frame limit is its inbound
+# limit plus this, so every send it accepts can be pushed (issue 11).
+PUSH_ENVELOPE_BYTES = 1024
+
 MAX_ID_LENGTH = 128
 MAX_NAME_LENGTH = 64
 MAX_SUMMARY_LENGTH = 1024
 MAX_PATH_LENGTH = 4096
 MAX_GROUP_LENGTH = 128
+# Integers on the wire stay within what every JSON parser and both
+# databases hold exactly (issue 11: an offset of 10^30 overflowed SQLite).
+MAX_SAFE_INTEGER = 2**53 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The shape of ids the broker makes (mesh, member, message, invite ids): no
+# NUL, no '|' (the separator of signed strings), no '/' (which every
+# claudemesh-…/1 domain tag holds), so no other signed string parses as a
+# hello (docs/protocol.md).
+_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 _GROUP = re.compile(r"\A[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*\Z")
 
 
@@ -96,25 +112,45 @@ class _Bad(Exception):
 _MISSING = object()
 
 
+def has_nul(value) -> bool:
+    """
+    Whether text holds U+0000, which Postgres cannot store in a text column
+    (and which no field of the protocol has a use for).
+    """
+    return "\x00" in value
+
+
 def _text(max_length, min_length=0):
     def check(value):
         if not isinstance(value, str):
             raise _Bad("must be a string")
         if not min_length <= len(value) <= max_length:
             raise _Bad("must be %d to %d characters" % (min_length, max_length))
+        if has_nul(value):
+            raise _Bad("must not contain NUL characters")
         return value
 
     return check
 
 
-def _integer(minimum=None, maximum=None):
+def is_valid_id(value) -> bool:
+    return isinstance(value, str) and _ID.match(value) is not None
+
+
+def _identifier(value):
+    if not is_valid_id(value):
+        raise _Bad("must be an id of 1-128 characters A-Z a-z 0-9 _ . : -")
+    return value
+
+
+def _integer(minimum=-MAX_SAFE_INTEGER, maximum=MAX_SAFE_INTEGER):
     def check(value):
         # bool is an int in Python, never in JSON.
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Bad("must be an integer")
-        if minimum is not None and value < minimum:
+        if value < minimum:
             raise _Bad("must be at least %d" % (minimum,))
-        if maximum is not None and value > maximum:
+        if value > maximum:
             raise _Bad("must be at most %d" % (maximum,))
         return value
 
@@ -159,7 +195,8 @@ def _groups(value):
             raise _Bad("must hold objects {name, role?}")
         _group(item.get("name"))
         role = item.get("role")
-        if role is not None and not (isinstance(role, str) and len(role) <= MAX_NAME_LENGTH):
+        if role is not None and not (isinstance(role, str) and len(role) <= MAX_NAME_LENGTH
+                                     and not has_nul(role)):
             raise _Bad("role must be a short string")
         kept.append((item["name"], role))
     return tuple(kept)
@@ -202,8 +239,8 @@ def frame(type_name):
 
 @frame("hello")
 class Hello:
-    meshId = field(_text(MAX_ID_LENGTH, 1))
-    memberId = field(_text(MAX_ID_LENGTH, 1))
+    meshId = field(_identifier)
+    memberId = field(_identifier)
     pubkey = field(_text(MAX_ID_LENGTH))
     signature = field(_text(256))
     sessionId = field(_text(MAX_ID_LENGTH, 1))
@@ -240,7 +277,7 @@ class Send:
 
 @frame("client_ack")
 class ClientAck:
-    messageId = field(_text(MAX_ID_LENGTH, 1))
+    messageId = field(_identifier)
     _reqId = field(_REQ_ID, None)
 
 
@@ -281,7 +318,7 @@ class LeaveGroup:
 
 @frame("message_status")
 class MessageStatus:
-    messageId = field(_text(MAX_ID_LENGTH, 1))
+    messageId = field(_identifier)
     _reqId = field(_REQ_ID, None)
 
 
@@ -349,12 +386,13 @@ def decode(text, max_bytes=None):
     if not isinstance(obj, dict):
         raise FrameError("malformed", "frame must be a JSON object")
     req_id = obj.get("_reqId")
-    if not (isinstance(req_id, str) and len(req_id) <= MAX_ID_LENGTH):
+    if not (isinstance(req_id, str) and len(req_id) <= MAX_ID_LENGTH and not has_nul(req_id)):
         req_id = None
     type_name = obj.get("type")
     cls = FRAME_TYPES.get(type_name) if isinstance(type_name, str) else None
     send_id = obj.get("id") if type_name == "send" else None
-    if not (isinstance(send_id, str) and len(send_id) <= MAX_ID_LENGTH):
+    if not (isinstance(send_id, str) and len(send_id) <= MAX_ID_LENGTH
+            and not has_nul(send_id)):
         send_id = None
     if cls is None:
         if not isinstance(type_name, str):
@@ -429,7 +467,7 @@ class ListInvites:
 
 @frame("revoke_invite")
 class RevokeInvite:
-    inviteId = field(_text(MAX_ID_LENGTH, 1))
+    inviteId = field(_identifier)
     _reqId = field(_REQ_ID, None)
 
 

@@ -338,9 +338,9 @@ class HeldClaimsStore:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def claim_deliveries(self, *args):
+    def claim_deliveries(self, *args, **kwargs):
         if not self.hold:
-            return self._store.claim_deliveries(*args)
+            return self._store.claim_deliveries(*args, **kwargs)
         from twisted.internet import defer
 
         d = defer.Deferred()

@@ -38,6 +38,7 @@ from claudemesh.store.records import (
     MeshRecord,
     NewDelivery,
     NewMessage,
+    SessionKeyBinding,
     SessionRecord,
     WriteBatch,
 )
@@ -913,6 +914,44 @@ class StoreTestsMixin:
         self.assertEqual((yield self.store.count_queued()), 2)
 
     @defer.inlineCallbacks
+    def test_bind_session_key(self):
+        """The first binding of a session key wins; another member's attempt reads it back."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        other, _ = yield self.makeMesh()
+        mallory = yield self.addMember(other, display_name="mallory")
+        first = SessionKeyBinding("spk", mesh.id, bob.id, NOW)
+        self.assertEqual((yield self.store.bind_session_key(first)), first)
+        self.assertEqual(
+            (yield self.store.bind_session_key(SessionKeyBinding("spk", other.id, mallory.id,
+                                                                 NOW + 1))), first)
+        self.assertEqual(
+            (yield self.store.bind_session_key(SessionKeyBinding("spk", mesh.id, bob.id,
+                                                                 NOW + 2))), first)
+
+    @defer.inlineCallbacks
+    def test_bind_session_key_concurrently(self):
+        """Of concurrent binders of one key exactly one wins, and all see the same winner."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        members = []
+        for _ in range(6):
+            members.append((yield self.addMember(mesh)))
+        answers = yield defer.gatherResults([
+            self.store.bind_session_key(SessionKeyBinding("spk", mesh.id, m.id, NOW))
+            for m in members], consumeErrors=True)
+        self.assertEqual(len(set(answers)), 1)
+        self.assertIn(answers[0].member_id, [m.id for m in members])
+
+    @defer.inlineCallbacks
+    def test_remove_member_unbinds_its_keys(self):
+        """A member that leaves frees its session keys (its rejoined key may bind them again)."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        yield self.store.bind_session_key(SessionKeyBinding("spk", mesh.id, bob.id, NOW))
+        yield self.store.remove_member(bob.id)
+        carol = yield self.addMember(mesh, display_name="carol")
+        again = SessionKeyBinding("spk", mesh.id, carol.id, NOW + 1)
+        self.assertEqual((yield self.store.bind_session_key(again)), again)
+
+    @defer.inlineCallbacks
     def test_claim_skips_expired(self):
         """A delivery whose message expired cannot be claimed."""
         mesh, owner, bob = yield self.meshWithRecipient()
@@ -1349,7 +1388,7 @@ class SchemaUpgradeTests(TestCase):
 
     @defer.inlineCallbacks
     def test_sqlite_v1_to_current(self):
-        """A version-1 SQLite file is upgraded: new indexes, data kept, version recorded."""
+        """A version-1 SQLite file is upgraded: new indexes and tables, data kept, version set."""
         path = os.path.join(self.mktemp() + ".sqlite3")
         connection = sqlite3.connect(path)
         for statement in split_statements(full_schema(1)):
@@ -1370,6 +1409,8 @@ class SchemaUpgradeTests(TestCase):
             "SELECT name FROM sqlite_master WHERE type = 'index'").fetchall())
         self.assertIn("deliveries_lease", names)
         self.assertNotIn("deliveries_expiry", names)
+        binding = SessionKeyBinding("spk", "m1", "member", 1)
+        self.assertEqual((yield store.bind_session_key(binding)), binding)
 
     @defer.inlineCallbacks
     def test_postgres_v1_to_current(self):
@@ -1391,6 +1432,8 @@ class SchemaUpgradeTests(TestCase):
             PG_DSN, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)))
         self.assertIn("deliveries_lease", names)
         self.assertNotIn("deliveries_expiry", names)
+        binding = SessionKeyBinding("spk", "m1", "member", 1)
+        self.assertEqual((yield store.bind_session_key(binding)), binding)
 
 
 class SchemaFileTests(TestCase):

@@ -311,13 +311,13 @@ class RoutingTests(SiteMixin, SynchronousTestCase):
         self.assertNotIn("secret-token", repr(events))
 
     def test_webSocketOptions(self):
-        """The /ws factory carries the liveness and size options of DESIGN 4.3."""
+        """The /ws factory carries the liveness and size options of DESIGN 4.3 (outbound + 1024)."""
         factory = make_ws_factory(BrokerSettings(max_message_bytes=4096), self.clock)
         self.assertEqual(
             (factory.autoPingInterval, factory.autoPingTimeout, factory.failByDrop,
              factory.maxMessagePayloadSize, factory.maxFramePayloadSize, factory.webStatus,
              factory.reactor),
-            (30, 75, False, 4096, 4096, False, self.clock),
+            (30, 75, False, 4096 + 1024, 4096, False, self.clock),
         )
 
 

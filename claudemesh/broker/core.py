@@ -38,6 +38,7 @@ from claudemesh.store.records import (
     ClaimRequest,
     NewDelivery,
     NewMessage,
+    SessionKeyBinding,
     SessionRecord,
 )
 
@@ -299,6 +300,10 @@ class Broker(service.Service):
             clock, settings.hook_rate_limit_per_min, settings.hook_rate_limit_per_min)
         # (mesh id, member id, session id) -> (status, received at ms)
         self._pending_hooks = {}
+        # session pubkey -> (mesh id, member id) of its binding in the store,
+        # for every key a hello proved in this process: a hello presenting
+        # a known key costs no store round trip.
+        self._session_key_owners = {}
         self._sweeper = None
         # Imported here: membership builds on this module.
         from claudemesh.broker.membership import Membership
@@ -471,6 +476,12 @@ class Broker(service.Service):
             if not (hello.sessionSignature and crypto.is_signature(hello.sessionSignature)
                     and crypto.verify(member.pubkey, proof, hello.sessionSignature)):
                 raise refuse("bad_session_pubkey", "sessionSignature does not prove sessionPubkey")
+            owner = yield self._bind_session_key(mesh, member, hello.sessionPubkey, now)
+            if owner != (mesh.id, member.id):
+                # Any member can sign a proof for any key; only the first
+                # member to prove a key owns it (issue 11: a second claimant
+                # was handed the owner's queued DMs).
+                raise refuse("bad_session_pubkey", "sessionPubkey belongs to another member")
         # The capacity check above ran before any await; check again now the
         # mesh is surely loaded.
         if limit and mesh.live_count() >= limit:
@@ -500,6 +511,33 @@ class Broker(service.Service):
         if session.watch:
             ack["watch"] = True
         return session, ack
+
+    def _bind_session_key(self, mesh, member, session_pubkey, now):
+        """
+        The (mesh id, member id) that C{session_pubkey} belongs to, binding
+        it to C{member} of C{mesh} when nobody holds it yet.
+        """
+        owner = self._session_key_owners.get(session_pubkey)
+        if owner is not None:
+            return defer.succeed(owner)
+        d = self.store.bind_session_key(
+            SessionKeyBinding(session_pubkey, mesh.id, member.id, now))
+
+        def bound(binding):
+            owner = (binding.mesh_id, binding.member_id)
+            self._session_key_owners[session_pubkey] = owner
+            return owner
+
+        return d.addCallback(bound)
+
+    def forget_member_keys(self, mesh, member_id):
+        """
+        A member left (the store dropped its session key bindings): forget
+        its keys here too.
+        """
+        for key in [k for k, owner in mesh.session_keys.items() if owner == member_id]:
+            del mesh.session_keys[key]
+            self._session_key_owners.pop(key, None)
 
     def _attach(self, mesh, member, hello, connection, display_name, now):
         """
@@ -689,7 +727,13 @@ class Broker(service.Service):
                                and other.member.id != about.member.id):
                 if payload is None:
                     payload = protocol.encode(frame)
-                other.connection.send_encoded(payload)
+                try:
+                    other.connection.send_encoded(payload)
+                except Exception as e:
+                    # One connection that cannot take it must not keep the
+                    # event from the others.
+                    self._log.warn("could not send {event} to a session: {error}",
+                                   event=event, error=str(e)[:200])
 
     def _status_event(self, session):
         """
@@ -991,10 +1035,10 @@ class Broker(service.Service):
                 continue
             if payload is None:
                 payload = protocol.encode(frame)
+            # Held as in flight even when the push fails: the lease sweep
+            # then offers it again when the lease ends.
             taker.inflight[message.id] = (delivery.recipient_key, delivery.lease_until)
-            taker.connection.send_encoded(payload)
-            if self.metrics is not None:
-                self.metrics.pushes.inc()
+            self._push(taker.connection, payload, message.id)
 
     # -- claims (queued deliveries) ---------------------------------------------
 
@@ -1068,18 +1112,39 @@ class Broker(service.Service):
             row = rows.popleft()
             if row.attempts > 1 and self.metrics is not None:
                 self.metrics.redeliveries.inc()
-            session.inflight[row.message_id] = (row.recipient_key, lease_until)
-            connection.send_encoded(protocol.encode(_push_frame(
+            payload = protocol.encode(_push_frame(
                 row.message_id, row.mesh_id, row.sender_pubkey, row.sender_member_pubkey,
                 row.target_spec, row.priority, row.nonce, row.ciphertext,
-                row.created_at, row.seq)))
-            if self.metrics is not None:
-                self.metrics.pushes.inc()
+                row.created_at, row.seq))
+            session.inflight[row.message_id] = (row.recipient_key, lease_until)
+            self._push(connection, payload, row.message_id)
         session.held = None
         session.draining = False
         if full or session.drain_again:
             return self._drain(session)
         return None
+
+    def _push(self, connection, payload, message_id):
+        """
+        Send one encoded push.
+
+        A push that cannot be sent (the WebSocket layer refuses a frame
+        larger than its limit, say after the operator lowered
+        C{--max-message-bytes} while it was queued) must not stop the pushes
+        behind it: it is skipped, its delivery stays leased, and it is
+        offered again when the lease ends — nothing is lost, and the outbox
+        keeps moving (issue 11).
+        """
+        try:
+            connection.send_encoded(payload)
+        except Exception as e:
+            self._log.warn("could not push message {message_id} ({size} bytes): {error}",
+                           message_id=message_id, size=len(payload), error=str(e)[:200])
+            if self.metrics is not None:
+                self.metrics.push_failures.inc()
+            return
+        if self.metrics is not None:
+            self.metrics.pushes.inc()
 
     def connection_writable(self, session):
         """
@@ -1281,14 +1346,16 @@ def _parse_hook_body(body):
     if status not in protocol.STATUSES:
         raise Refusal("malformed", "field 'status' must be one of idle, working, dnd")
     cwd = payload.get("cwd", "")
-    if not isinstance(cwd, str) or len(cwd) > protocol.MAX_PATH_LENGTH:
-        raise Refusal("malformed", "field 'cwd' must be a string")
+    if (not isinstance(cwd, str) or len(cwd) > protocol.MAX_PATH_LENGTH
+            or protocol.has_nul(cwd)):
+        raise Refusal("malformed", "field 'cwd' must be a string without NUL")
     pid = payload.get("pid", 0)
     if pid is None:
         pid = 0
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
-        raise Refusal("malformed", "field 'pid' must be a non-negative integer")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 2**31:
+        raise Refusal("malformed", "field 'pid' must be an integer from 0 to 2^31-1")
     session_id = payload.get("session_id")
-    if session_id is not None and not (isinstance(session_id, str) and len(session_id) <= 128):
-        raise Refusal("malformed", "field 'session_id' must be a string")
+    if session_id is not None and not (isinstance(session_id, str) and len(session_id) <= 128
+                                       and not protocol.has_nul(session_id)):
+        raise Refusal("malformed", "field 'session_id' must be a string without NUL")
     return {"status": status, "cwd": cwd, "pid": pid, "session_id": session_id}

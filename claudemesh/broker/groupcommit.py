@@ -7,13 +7,74 @@ fills. Each batch is one L{WriteBatch}, applied by the store in one
 transaction, so a burst of sends costs one commit per batch instead of
 several per message, and a message is acknowledged only after the batch
 holding it committed.
+
+A batch can fail two ways:
+
+  - the store is unavailable (L{StoreUnavailable}): the messages in it fail
+    (their senders get C{queued:false}, never a false C{queued:true}); every
+    other write goes back in front of the queue and is tried again a second
+    later, so nothing else is lost;
+  - the store refused the data of one write (a constraint, a value the
+    database cannot hold): the batch is split in halves, and each half
+    written on its own, down to the one write the store refuses, which alone
+    is dropped (logged). Everyone else's writes in that batch — messages,
+    acknowledgements, lease releases, sessions, audit events — are stored
+    (issue 11: one member's bad acknowledgement used to drop a whole batch).
 """
+
+import itertools
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudemesh.store.interface import StoreUnavailable
 from claudemesh.store.records import WriteBatch
+
+# The kinds of queued writes, in the order a WriteBatch applies them.
+_ORDER = ("open", "message", "audit", "update", "ack", "release", "close")
+
+
+class _Write:
+    """
+    One queued write: its kind (one of L{_ORDER}), its value, and for a
+    message its audit event and the Deferred waiting for its result, for a
+    release the Deferred waiting for it to be written.
+    """
+
+    __slots__ = ("order", "kind", "value", "audit", "waiter")
+
+    _counter = itertools.count()
+
+    def __init__(self, kind, value, audit=None, waiter=None):
+        # When it was queued: audit events are chained in this order.
+        self.order = next(self._counter)
+        self.kind = kind
+        self.value = value
+        self.audit = audit
+        self.waiter = waiter
+
+
+def _batch_of(writes, now):
+    """
+    The L{WriteBatch} of C{writes} (in L{_ORDER} order already). A message's
+    audit event is chained in the order it was queued among the others.
+    """
+    parts = {kind: [] for kind in _ORDER}
+    audit = []
+    for write in writes:
+        if write.kind == "message":
+            parts["message"].append(write.value)
+            if write.audit is not None:
+                audit.append((write.order, write.audit))
+        elif write.kind == "audit":
+            audit.append((write.order, write.value))
+        else:
+            parts[write.kind].append(write.value)
+    audit = [event for _, event in sorted(audit, key=lambda pair: pair[0])]
+    return WriteBatch(
+        opens=tuple(parts["open"]), messages=tuple(parts["message"]), audit=tuple(audit),
+        updates=tuple(parts["update"]), acks=tuple(parts["ack"]),
+        releases=tuple(parts["release"]), closes=tuple(parts["close"]), now=now)
 
 
 class GroupCommit:
@@ -24,57 +85,45 @@ class GroupCommit:
         self._clock = clock
         self._metrics = metrics
         self._max_batch = max_batch
-        self._opens = []
-        self._messages = []
-        self._waiters = []
-        # (event, message): audit events in the order they happened, each
-        # with the message it records (or None). An event travels in the
-        # batch of its message, never in an earlier one.
-        self._audit = []
-        self._updates = []
-        self._acks = []
-        self._releases = []
-        self._release_waiters = []
-        self._closes = []
+        # kind -> [_Write], each list in the order queued.
+        self._queued = {kind: [] for kind in _ORDER}
         self._flush_waiters = []
         self._in_flight = None
         self._scheduled = None
 
     def _pending(self):
-        return bool(self._opens or self._messages or self._audit or self._updates
-                    or self._acks or self._releases or self._closes)
+        return any(self._queued.values())
+
+    def _queue(self, write):
+        self._queued[write.kind].append(write)
+        self._schedule()
 
     # -- what callers queue --------------------------------------------------
 
     def enqueue(self, message, audit=None):
         """
         Queue a L{NewMessage} (and its audit event). The L{Deferred} fires
-        with its L{EnqueueResult} once the batch committed, or fails as the
-        batch failed.
+        with its L{EnqueueResult} once it is stored, or fails as it could not
+        be (the store unavailable, or refusing this message).
         """
         d = defer.Deferred()
-        self._messages.append(message)
-        self._waiters.append(d)
-        if audit is not None:
-            self._audit.append((audit, message))
-        self._schedule()
+        self._queue(_Write("message", message, audit, d))
         return d
 
     def audit(self, event):
-        self._audit.append((event, None))
-        self._schedule()
+        self._queue(_Write("audit", event))
 
     def open_session(self, record):
-        self._opens.append(record)
-        self._schedule()
+        self._queue(_Write("open", record))
 
     def update_session(self, presence_id, fields):
-        self._updates.append((presence_id, fields))
-        self._schedule()
+        self._queue(_Write("update", (presence_id, fields)))
 
     def ack(self, message_id, member_id, recipient_key):
-        self._acks.append((message_id, member_id, recipient_key))
-        self._schedule()
+        """
+        Queue a confirmation by (a session of) member C{member_id}.
+        """
+        self._queue(_Write("ack", (message_id, member_id, recipient_key)))
 
     def release_leases(self, presence_id):
         """
@@ -83,14 +132,11 @@ class GroupCommit:
         claim made after it can take those deliveries.
         """
         d = defer.Deferred()
-        self._releases.append(presence_id)
-        self._release_waiters.append(d)
-        self._schedule()
+        self._queue(_Write("release", presence_id, waiter=d))
         return d
 
     def close_session(self, presence_id, when):
-        self._closes.append((presence_id, when))
-        self._schedule()
+        self._queue(_Write("close", (presence_id, when)))
 
     def flushed(self):
         """
@@ -113,80 +159,120 @@ class GroupCommit:
 
     def _take(self):
         """
-        Everything queued (at most C{max_batch} messages) as one batch, with
-        the Deferreds waiting for it.
+        Everything queued (at most C{max_batch} messages), in L{_ORDER}.
         """
-        cut = self._max_batch
-        audit_cut = len(self._audit)
-        if len(self._messages) > cut:
-            # The events of the messages left for the next batch wait with
-            # them, and so does everything that happened after them: the
-            # chain keeps the order of events, and no event commits before
-            # what it records.
-            first_left = self._messages[cut]
-            audit_cut = next(
-                (i for i, (_, message) in enumerate(self._audit) if message is first_left),
-                audit_cut)
-        batch = WriteBatch(
-            opens=tuple(self._opens), messages=tuple(self._messages[:cut]),
-            audit=tuple(event for event, _ in self._audit[:audit_cut]),
-            updates=tuple(self._updates), acks=tuple(self._acks),
-            releases=tuple(self._releases), closes=tuple(self._closes),
-            now=int(self._clock.seconds() * 1000))
-        waiters, release_waiters = self._waiters[:cut], self._release_waiters
-        self._messages, self._waiters = self._messages[cut:], self._waiters[cut:]
-        self._audit = self._audit[audit_cut:]
-        self._opens, self._updates, self._acks = [], [], []
-        self._releases, self._release_waiters, self._closes = [], [], []
-        return batch, waiters, release_waiters
+        messages = self._queued["message"]
+        # Audit events queued after the first message left for the next
+        # batch wait with it: the chain keeps the order of events, and no
+        # event commits before a message queued earlier.
+        audit_until = None
+        if len(messages) > self._max_batch:
+            audit_until = messages[self._max_batch].order
+        writes = []
+        for kind in _ORDER:
+            queued = self._queued[kind]
+            if kind == "message":
+                taken, left = queued[:self._max_batch], queued[self._max_batch:]
+            elif kind == "audit" and audit_until is not None:
+                taken = [w for w in queued if w.order < audit_until]
+                left = [w for w in queued if w.order >= audit_until]
+            else:
+                taken, left = queued, []
+            self._queued[kind] = left
+            writes.extend(taken)
+        return writes
 
-    def _requeue(self, batch):
-        # Put back what does not answer anyone, in front of newer writes,
-        # for the next attempt.
-        self._opens[:0] = batch.opens
-        self._audit[:0] = [(e, None) for e in batch.audit if e.event_type != "message_sent"]
-        self._updates[:0] = batch.updates
-        self._acks[:0] = batch.acks
-        self._releases[:0] = batch.releases
-        self._closes[:0] = batch.closes
+    def _requeue(self, writes):
+        # In front of newer writes, for the next attempt.
+        for kind in reversed(_ORDER):
+            again = [w for w in writes if w.kind == kind]
+            self._queued[kind][:0] = again
 
     def _flush(self):
         self._scheduled = None
         if self._in_flight is not None or not self._pending():
             self._notify_flushed()
             return
-        batch, waiters, release_waiters = self._take()
+        self._in_flight = d = self._write(self._take())
+        d.addCallback(self._done)
+
+    def _write(self, writes):
+        """
+        Write C{writes} as one batch, or, when the store refuses its data, in
+        halves (L{GroupCommit} docstring). Fires with C{False} when the store
+        was unavailable (the unwritten writes are then requeued or failed),
+        C{True} otherwise; never fails.
+        """
+        batch = _batch_of(writes, int(self._clock.seconds() * 1000))
         started = self._clock.seconds()
-        self._in_flight = d = self._store.write_batch(batch)
-        d.addCallbacks(self._committed, self._failed, callbackArgs=(waiters,),
-                       errbackArgs=(batch, waiters))
-        d.addBoth(self._done, started, batch, release_waiters)
+        d = defer.maybeDeferred(self._store.write_batch, batch)
 
-    def _committed(self, results, waiters):
-        for d, result in zip(waiters, results):
-            d.callback(result)
-        return True
+        def observed(result):
+            if self._metrics is not None:
+                self._metrics.store_batch_seconds.observe(self._clock.seconds() - started)
+                self._metrics.store_batch_size.observe(len(writes))
+            return result
 
-    def _failed(self, f, batch, waiters):
-        self._log.failure("writing a batch of {count} messages and {other} other writes failed",
-                          f, count=len(batch.messages),
-                          other=len(batch.opens) + len(batch.updates) + len(batch.acks)
-                          + len(batch.releases) + len(batch.closes))
-        for d in waiters:
-            d.errback(f)
-        if f.check(StoreUnavailable):
-            self._requeue(batch)
-        return False
+        def committed(results):
+            results = iter(results)
+            for write in writes:
+                if write.kind == "message":
+                    write.waiter.callback(next(results))
+                elif write.kind == "release":
+                    write.waiter.callback(None)
+            return True
 
-    def _done(self, ok, started, batch, release_waiters):
+        def failed(f):
+            if f.check(StoreUnavailable):
+                self._unavailable(writes, f)
+                return False
+            if len(writes) == 1:
+                self._refused(writes[0], f)
+                return True
+            half = len(writes) // 2
+            first = self._write(writes[:half])
+
+            def second(ok):
+                if not ok:
+                    # The store went away meanwhile: the rest waits for it.
+                    self._unavailable(writes[half:], f)
+                    return False
+                return self._write(writes[half:])
+
+            return first.addCallback(second)
+
+        d.addBoth(observed)
+        d.addCallbacks(committed, failed)
+        return d
+
+    def _unavailable(self, writes, f):
+        """
+        The store is down: fail the messages (their senders learn it now)
+        and keep every other write for the next attempt.
+        """
+        messages = [w for w in writes if w.kind == "message"]
+        self._log.warn(
+            "the store is unavailable ({error}): {count} messages refused, {other} other "
+            "writes kept for the next attempt", error=f.getErrorMessage()[:200],
+            count=len(messages), other=len(writes) - len(messages))
+        for write in messages:
+            write.waiter.errback(f)
+        self._requeue([w for w in writes if w.kind != "message"])
+
+    def _refused(self, write, f):
+        """
+        The store refused this one write for its data: drop it alone.
+        """
+        self._log.error(
+            "the store refused one {kind} write ({error}); it is dropped, the rest of "
+            "its batch is written", kind=write.kind, error=f.getErrorMessage()[:200])
+        if write.kind == "message":
+            write.waiter.errback(f)
+        elif write.kind == "release":
+            write.waiter.callback(None)
+
+    def _done(self, ok):
         self._in_flight = None
-        if self._metrics is not None:
-            self._metrics.store_batch_seconds.observe(self._clock.seconds() - started)
-            self._metrics.store_batch_size.observe(
-                len(batch.opens) + len(batch.messages) + len(batch.audit) + len(batch.updates)
-                + len(batch.acks) + len(batch.releases) + len(batch.closes))
-        for d in release_waiters:
-            d.callback(None)
         if self._pending() and ok:
             self._flush()
         elif self._pending():

@@ -338,6 +338,7 @@ class Membership:
             mesh.id, "member_left", member.id, {"pubkey": member.pubkey})])
         mesh.members.pop(member.id, None)
         mesh.members_by_pubkey.pop(member.pubkey, None)
+        self._broker.forget_member_keys(mesh, member.id)
         for s in mesh.sessions_of(member.id):
             if s is not session:
                 self._broker.end_connection(s, protocol.CLOSE_NORMAL, "left", "left")

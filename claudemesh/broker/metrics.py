@@ -26,6 +26,10 @@ class BrokerMetrics:
             registry=r)
         self.pushes = Counter(
             "claudemesh_pushes", "Message pushes written to sessions.", registry=r)
+        self.push_failures = Counter(
+            "claudemesh_push_failures",
+            "Pushes a connection could not take; their deliveries are offered again "
+            "after the lease.", registry=r)
         self.deliveries_queued = Gauge(
             "claudemesh_deliveries_queued", "Deliveries waiting for a recipient.",
             registry=r)

@@ -166,6 +166,12 @@ class BrokerServerProtocol(WebSocketServerProtocol):
 
     def _received(self, payload, is_binary):
         broker = self.factory.broker
+        limit = self.factory.max_message_bytes
+        if limit and len(payload) > limit:
+            # A fragmented message may pass Autobahn's own (outbound-sized)
+            # message limit; it is still too big.
+            self.close(protocol.CLOSE_TOO_BIG, "message too big")
+            return
         if is_binary:
             self._error(protocol.FrameError("malformed", "binary frames are not accepted"))
             return
@@ -314,6 +320,16 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self.close(protocol.CLOSE_POLICY, protocol.REASON_FLOOD)
 
 
+def outbound_limit(max_message_bytes):
+    """
+    The largest frame the broker sends when it accepts frames of
+    C{max_message_bytes} (0: no limit).
+    """
+    if not max_message_bytes:
+        return 0
+    return max_message_bytes + protocol.PUSH_ENVELOPE_BYTES
+
+
 def configure_ws_factory(factory, settings):
     """
     Apply the broker's WebSocket options to an Autobahn server factory (the
@@ -329,7 +345,12 @@ def configure_ws_factory(factory, settings):
         # Autobahn drops TCP on a protocol violation by default, which the
         # peer sees as 1006; we want it to see the real 1008/1009 close.
         failByDrop=False,
-        maxMessagePayloadSize=settings.max_message_bytes,
+        # Autobahn applies one message limit both ways. Outbound, a push is
+        # larger than the send that carried it: the limit leaves room for
+        # its envelope, so a send accepted at the inbound limit can always
+        # be pushed (issue 11). Inbound, frames are held to the limit by
+        # maxFramePayloadSize and whole messages by BrokerServerProtocol.
+        maxMessagePayloadSize=outbound_limit(settings.max_message_bytes),
         maxFramePayloadSize=settings.max_message_bytes,
         # The protocol decodes every text frame itself (and answers `error
         # malformed` when it is not UTF-8); a second validation pass in
@@ -428,6 +449,7 @@ class BrokerServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.noisy = False
         self.max_outbound_buffer_bytes = settings.max_outbound_buffer_bytes
+        self.max_message_bytes = settings.max_message_bytes
         self.limits = AddressLimits(clock, settings.max_connections_per_ip,
                                     settings.hello_rate_per_ip, settings.trusted_proxies)
         configure_ws_factory(self, settings)

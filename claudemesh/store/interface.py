@@ -140,8 +140,16 @@ class IStore(Interface):
 
     def remove_member(member_id, audit=()):
         """
-        Delete a membership and its queued deliveries. Fires with C{True} when
-        it existed.
+        Delete a membership, its queued deliveries and its session key
+        bindings. Fires with C{True} when it existed.
+        """
+
+    def bind_session_key(binding):
+        """
+        Bind a session key to a (mesh, member) unless it is bound already
+        (L{SessionKeyBinding}); atomic, so of concurrent binders of one key
+        exactly one wins. Fires with the binding in force, which is another
+        member's when the key was taken.
         """
 
     # -- invites ------------------------------------------------------------

@@ -199,6 +199,19 @@ class ClaimedDelivery:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class SessionKeyBinding:
+    """
+    The one (mesh, member) a session key belongs to, from the first hello
+    that proved it.
+    """
+
+    session_pubkey: str
+    mesh_id: str
+    member_id: str
+    bound_at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class DeliveryRecord:
     """
     The state of one recipient of a message (for C{message_status}).

@@ -199,6 +199,8 @@ class MeshStore:
         yield Execute(
             "DELETE FROM deliveries WHERE member_id = %s AND state IN ('queued', 'leased')",
             (member_id,))
+        # Its session keys are free again (a rejoined key may present them).
+        yield Execute("DELETE FROM session_keys WHERE member_id = %s", (member_id,))
         count = yield Execute("DELETE FROM members WHERE id = %s", (member_id,))
         if count:
             yield from append_audit_txn(self.dialect, audit)

@@ -2,17 +2,19 @@
 The session mirror: one row per hello, kept up to date from the broker's
 memory (status, summary, groups) so an operator can query it, and closed
 when the session ends (its leases going back to the queue in the same
-transaction).
+transaction); and the binding of each session key to the one (mesh, member)
+whose hello first proved it.
 """
 
 import json
 
 import attr
 
-from claudemesh.store.records import SessionRecord
+from claudemesh.store.records import SessionKeyBinding, SessionRecord
 from claudemesh.store.sql.operations import Execute, InsertRows, Query, chunks, placeholders
 
 SESSION_COLUMNS = tuple(f.name for f in attr.fields(SessionRecord))
+SESSION_KEY_COLUMNS = tuple(f.name for f in attr.fields(SessionKeyBinding))
 
 # What update_sessions may change, with the SQL type Postgres needs to cast
 # an untyped VALUES column to.
@@ -123,6 +125,23 @@ def close_sessions_txn(presence_ids, disconnected_at):
     return closed
 
 
+def bind_session_key_txn(binding):
+    # The primary key makes the first binding win, on one node or many: a
+    # concurrent second insert does nothing and reads the winner.
+    yield InsertRows(
+        "session_keys",
+        SESSION_KEY_COLUMNS,
+        [attr.astuple(binding)],
+        "ON CONFLICT (session_pubkey) DO NOTHING",
+    )
+    rows = yield Query(
+        "SELECT %s FROM session_keys WHERE session_pubkey = %%s"
+        % (", ".join(SESSION_KEY_COLUMNS),),
+        (binding.session_pubkey,),
+    )
+    return SessionKeyBinding(*rows[0])
+
+
 class SessionStore:
     """
     The session half of L{claudemesh.store.sql.SQLStore}.
@@ -168,3 +187,6 @@ class SessionStore:
             (mesh_id,),
         )
         return [session_from_row(row) for row in rows]
+
+    def bind_session_key(self, binding):
+        return self.run_interaction("bind_session_key", bind_session_key_txn, binding)
