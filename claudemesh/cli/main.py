@@ -66,6 +66,7 @@ COMMANDS = [
     ("uninstall", "remove what 'claudemesh install' registered", False),
     ("doctor", "check config, keys, brokers, clock and the Claude Code setup", True),
     ("mcp", "the MCP server Claude Code runs (stdio; started by Claude Code)", False),
+    ("ui", "a local web page to watch and steer a mesh (127.0.0.1 only)", False),
     ("hook", "report a session's status to the brokers (run by Claude Code hooks)", False),
 ]
 
@@ -151,7 +152,21 @@ def _make_parser():
     parsers["install"].add_argument("--no-hooks", action="store_true",
                                     help="register the MCP server only")
     parsers["hook"].add_argument("status", nargs="?", help="idle, working or dnd")
+    p = parsers["ui"]
+    p.add_argument("--port", type=_port, default=0, metavar="P",
+                   help="listen on this port of 127.0.0.1 (default: a free one)")
+    p.add_argument("--no-open", action="store_true", help="print the URL, do not open a browser")
     return parser
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % (text,)) from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("a port is from 1 to 65535")
+    return value
 
 
 def _positive_int(text):
@@ -239,6 +254,10 @@ def main(argv=None):
         from claudemesh.cli import launch
 
         return launch.run(arguments, os.environ)
+    if arguments.command == "ui":
+        from claudemesh.webui import command
+
+        return command.run(arguments, os.environ)
     if arguments.command in ("install", "uninstall"):
         from claudemesh.cli import install
 
