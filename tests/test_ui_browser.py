@@ -115,9 +115,11 @@ class BrowserTests(BrokerProcessMixin, SynchronousTestCase):
         A long-lived C{claudemesh} process of C{who}, its output read by
         threads.
         """
+        workdir = os.path.join(self.tmp, who, "work")
+        os.makedirs(workdir, exist_ok=True)
         process = subprocess.Popen(claudemesh_command() + list(args), env=self.env(who),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+                                   cwd=workdir, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         process.out = LineReader(process.stdout)
         process.err = LineReader(process.stderr)
 
