@@ -23,6 +23,7 @@ import nacl.utils
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
 
+HELLO_TAG = "claudemesh-hello/1"
 SESSION_PROOF_TAG = "claudemesh-session/1"
 CREATE_TAG = "claudemesh-create/1"
 INVITE_TAG = "claudemesh-invite/1"
@@ -39,8 +40,28 @@ class DecryptionFailed(Exception):
 # -- signed strings ---------------------------------------------------------
 
 
-def hello_string(mesh_id, member_id, pubkey, timestamp) -> bytes:
-    return "|".join([mesh_id, member_id, pubkey, str(timestamp)]).encode("utf-8")
+def hello_string(mesh_id, member_id, pubkey, timestamp, tagged=False) -> bytes:
+    """
+    What a hello signs: C{meshId|memberId|pubkey|timestamp}, as the original
+    clients sign it, or with C{tagged} the same behind the domain tag
+    C{claudemesh-hello/1|}, as every other signed string of the protocol has
+    one (docs/protocol.md).
+    """
+    fields = [mesh_id, member_id, pubkey, str(timestamp)]
+    if tagged:
+        fields.insert(0, HELLO_TAG)
+    return "|".join(fields).encode("utf-8")
+
+
+def verify_hello(pubkey, mesh_id, member_id, timestamp, signature) -> bool:
+    """
+    Does C{signature} sign this hello, in the tagged or the untagged form?
+    The untagged form is safe to accept because a hello's C{meshId} must be
+    an id (no C{/}, no C{|}): no tagged string of another kind reads as one.
+    """
+    return verify(pubkey, hello_string(mesh_id, member_id, pubkey, timestamp, tagged=True),
+                  signature) or verify(
+        pubkey, hello_string(mesh_id, member_id, pubkey, timestamp), signature)
 
 
 def session_proof_string(mesh_id, member_pubkey, session_pubkey) -> bytes:

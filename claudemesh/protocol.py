@@ -53,6 +53,10 @@ MAX_NAME_LENGTH = 64
 MAX_SUMMARY_LENGTH = 1024
 MAX_PATH_LENGTH = 4096
 MAX_GROUP_LENGTH = 128
+# A page cursor (claudemesh.broker.pages): opaque to clients.
+MAX_CURSOR_LENGTH = 256
+# Groups one session may hold, from its hello and join_group alike.
+MAX_GROUPS = 64
 # Integers on the wire stay within what every JSON parser and both
 # databases hold exactly (issue 11: an offset of 10^30 overflowed SQLite).
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -185,8 +189,8 @@ def _group(value):
 
 
 def _groups(value):
-    if not isinstance(value, list) or len(value) > 64:
-        raise _Bad("must be a list of at most 64 groups")
+    if not isinstance(value, list) or len(value) > MAX_GROUPS:
+        raise _Bad("must be a list of at most %d groups" % (MAX_GROUPS,))
     kept = []
     for item in value:
         if isinstance(item, str):
@@ -300,6 +304,8 @@ class SetSummary:
 
 @frame("list_peers")
 class ListPeers:
+    # Where the previous page ended (its reply's nextCursor).
+    cursor = field(_text(MAX_CURSOR_LENGTH), None)
     _reqId = field(_REQ_ID, None)
 
 
@@ -319,6 +325,8 @@ class LeaveGroup:
 @frame("message_status")
 class MessageStatus:
     messageId = field(_identifier)
+    # Where the previous page ended (its reply's nextCursor).
+    cursor = field(_text(MAX_CURSOR_LENGTH), None)
     _reqId = field(_REQ_ID, None)
 
 
@@ -462,6 +470,8 @@ class CreateInvite:
 
 @frame("list_invites")
 class ListInvites:
+    # Where the previous page ended (its reply's nextCursor).
+    cursor = field(_text(MAX_CURSOR_LENGTH), None)
     _reqId = field(_REQ_ID, None)
 
 
@@ -485,6 +495,8 @@ class Leave:
 
 @frame("list_members")
 class ListMembers:
+    # Where the previous page ended (its reply's nextCursor).
+    cursor = field(_text(MAX_CURSOR_LENGTH), None)
     _reqId = field(_REQ_ID, None)
 
 
@@ -532,4 +544,6 @@ class Unban:
 
 @frame("list_bans")
 class ListBans:
+    # Where the previous page ended (its reply's nextCursor).
+    cursor = field(_text(MAX_CURSOR_LENGTH), None)
     _reqId = field(_REQ_ID, None)

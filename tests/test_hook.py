@@ -172,8 +172,12 @@ class RefusalTests(HookTestCase):
         self.assertUnchanged()
 
     def test_other_members_session(self):
-        """A session id of another member's session is 403 forbidden and changes nothing."""
-        self.assertRefused(self.post(self.body(session_id="b1")), 403, "forbidden")
+        """A session id of another member's session matches nothing of it (pending, no 403)."""
+        code, reply = self.post(self.body(session_id="b1"))
+        self.assertEqual((code, reply), (200, {"ok": True, "pending": True}))
+        store, statuses, _ = self.snapshot()
+        self.assertEqual((store, statuses), self.before[:2])
+        self.assertEqual(self.bob.session.status.status, "idle")
 
     def test_missing_headers(self):
         """A request without the signature headers is 401."""

@@ -602,3 +602,414 @@ class NulFloodSQLiteTests(OnSQLite, NulFloodOverSocketsMixin, unittest.TestCase)
 
 class NulFloodPostgresTests(OnPostgres, NulFloodOverSocketsMixin, unittest.TestCase):
     pass
+
+
+# -- item 4: replies that outgrow the frame limit ---------------------------------------
+
+
+class ReplySizeTests(WireTestCase):
+    """
+    Item 4: every reply fits the frame limit: long lists come in pages
+    (C{nextCursor}, C{nextOffset} for the audit), an entry too large on its
+    own comes shortened (C{truncated: true}).
+    """
+
+    LIMIT = 16384
+    settings = {"max_message_bytes": LIMIT, "send_rate_limit_per_min": 0,
+                "send_rate_limit_burst": 0, "max_connections_per_mesh": 0}
+
+    def setUp(self):
+        WireTestCase.setUp(self)
+        self.owner_wire = self.hello(self.owner, session_id="owner")
+
+    def assertFits(self, frame):
+        """
+        The frame, without its echoed _reqId, is within the frame limit.
+        """
+        body = dict(frame)
+        body.pop("_reqId", None)
+        self.assertLessEqual(len(protocol.encode(body)), self.LIMIT)
+
+    def pages(self, wire, request, reply_type, key, cursor_field="cursor",
+              next_field="nextCursor"):
+        """
+        Ask for every page of a list; returns the entries and the replies.
+        """
+        entries, replies = [], []
+        frame = dict(request, _reqId="p")
+        for _ in range(100):
+            wire.send(frame)
+            reply = wire.last()
+            self.assertEqual(reply["type"], reply_type, reply)
+            self.assertFits(reply)
+            replies.append(reply)
+            entries.extend(reply[key])
+            if next_field not in reply:
+                return entries, replies
+            frame = dict(frame, **{cursor_field: reply[next_field]})
+        self.fail("no last page")
+
+    def big_hello(self, peer, session_id):
+        return peer.hello_dict(
+            session_id=session_id, cwd="/" + "c" * 3999, hostname="h" * 255,
+            groups=[{"name": "g%03d%s" % (i, "x" * 100), "role": "r"} for i in range(64)])
+
+    def test_peers_list_in_pages(self):
+        """Six sessions with every field near its limit are all listed, in frames that fit."""
+        wires = []
+        for i in range(6):
+            wire = self.wire()
+            wire.send(self.big_hello(self.alice, "big%d" % i))
+            self.assertEqual(wire.frames[0]["type"], "hello_ack")
+            wire.send({"type": "set_summary", "summary": "s" * 1024})
+            wires.append(wire)
+        peers, replies = self.pages(self.owner_wire, {"type": "list_peers"}, "peers_list",
+                                    "peers")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(sorted(p["sessionId"] for p in peers),
+                         ["big%d" % i for i in range(6)] + ["owner"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_peer_too_large_alone_is_shortened(self):
+        """A peer whose entry alone exceeds the limit is listed shortened, marked truncated."""
+        wire = self.wire()
+        hello = self.alice.hello_dict(session_id="huge", cwd="/" + "\u20ac" * 4000)
+        wire.send_raw(json.dumps(hello, ensure_ascii=False).encode())
+        self.assertEqual(wire.frames[0]["type"], "hello_ack", wire.frames[0])
+        wire.send({"type": "set_summary", "summary": "\x01" * 1024})
+        peers, _ = self.pages(self.owner_wire, {"type": "list_peers"}, "peers_list", "peers")
+        [huge] = [p for p in peers if p["sessionId"] == "huge"]
+        self.assertTrue(huge["truncated"])
+        self.assertEqual(huge["pubkey"], self.alice.pubkey)
+
+    def test_audit_query_in_pages(self):
+        """audit_query {limit:500} over 450 events answers in frames that fit, with nextOffset."""
+        alice = self.hello(self.alice)
+        for i in range(450):
+            alice.client.sendMessage(json.dumps(dm_frame(
+                self.alice.identity, self.bob.pubkey, b"x", "a%d" % i)).encode())
+        alice.pump()
+        entries, replies = self.pages(self.owner_wire, {"type": "audit_query", "limit": 500},
+                                      "audit_result", "entries", "offset", "nextOffset")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(len(entries), replies[0]["total"])
+        seqs = [e["seq"] for e in entries]
+        self.assertEqual(seqs, sorted(seqs, reverse=True))
+        self.assertEqual(len(set(seqs)), len(seqs))
+
+    def test_members_invites_and_bans_in_pages(self):
+        """members_list, invites_list and list_bans_result page through hundreds of rows."""
+        for i in range(150):
+            self.fx.add_member(self.owner, "member-%03d-%s" % (i, "m" * 40))
+        for i in range(150):
+            self.owner_wire.client.sendMessage(json.dumps(
+                {"type": "create_invite", "maxUses": 3}).encode())
+        self.owner_wire.pump()
+        banned = [self.fx.add_member(self.owner, "banned-%03d-%s" % (i, "b" * 40))
+                  for i in range(150)]
+        for peer in banned:
+            result_of(self.fx.store.ban_member(peer.member.id, self.fx.now_ms()))
+        self.fx.broker._meshes.clear()
+        owner = self.hello(self.owner, session_id="owner2")
+        members, replies = self.pages(owner, {"type": "list_members"}, "members_list",
+                                      "members")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(len(members), 153)
+        invites, replies = self.pages(owner, {"type": "list_invites"}, "invites_list",
+                                      "invites")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(len({i["inviteId"] for i in invites}), 150)
+        bans, replies = self.pages(owner, {"type": "list_bans"}, "list_bans_result", "bans")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(len(bans), 150)
+
+    def test_message_status_in_pages(self):
+        """message_status of a message to 300 recipients pages through them."""
+        recipients = [self.fx.add_member(self.owner, "r%03d" % i) for i in range(300)]
+        now = self.fx.now_ms()
+        message = NewMessage(
+            "m-many", self.owner.mesh.id, self.owner.member.id, self.owner.pubkey,
+            self.owner.pubkey, "*", "next", "n", "c", now, now + 60_000,
+            deliveries=tuple(NewDelivery(r.member.id) for r in recipients))
+        result_of(self.fx.store.enqueue([message]))
+        rows, replies = self.pages(self.owner_wire, {"type": "message_status",
+                                                     "messageId": "m-many"},
+                                   "message_status_result", "recipients")
+        self.assertGreater(len(replies), 1)
+        self.assertEqual(sorted(r["pubkey"] for r in rows),
+                         sorted(r.pubkey for r in recipients))
+
+    def test_bad_cursor_is_malformed(self):
+        """A cursor the broker did not make is error malformed, the connection stays open."""
+        for bad in ("nope", "[1]", '["a", 1, 2]', "{}"):
+            self.owner_wire.send({"type": "list_peers", "cursor": bad, "_reqId": "c"})
+            self.assertEqual((self.owner_wire.last()["type"], self.owner_wire.last()["code"]),
+                             ("error", "malformed"))
+        self.assertOpen(self.owner_wire)
+
+
+# -- item 5: join_group without a cap -----------------------------------------------------
+
+
+class GroupCapTests(WireTestCase):
+    """
+    Item 5: a session holds at most 64 groups, however it joined them.
+    """
+
+    def test_join_group_capped_at_64(self):
+        """The 65th distinct join_group is too_many_groups; joining a held one again is fine."""
+        alice = self.hello(self.alice, groups=["g%d" % i for i in range(60)])
+        for i in range(60, 64):
+            alice.send({"type": "join_group", "name": "g%d" % i})
+        alice.send({"type": "join_group", "name": "one-too-many", "_reqId": "j"})
+        self.assertEqual((alice.last()["code"], alice.last()["_reqId"]),
+                         ("too_many_groups", "j"))
+        alice.send({"type": "join_group", "name": "g3", "role": "lead"})
+        [session] = self.fx.broker.cached_mesh(self.alice.mesh.id).sessions_of(
+            self.alice.member.id)
+        self.assertEqual(len(session.groups), 64)
+        self.assertEqual(session.groups["g3"], "lead")
+        self.assertNotIn("one-too-many", session.groups)
+        self.assertOpen(alice)
+
+
+# -- item 6: integers without bounds ------------------------------------------------------
+
+
+class IntegerBoundsTests(WireTestCase):
+    """
+    Item 6: every integer field is bounded; one out of bounds is malformed.
+    """
+
+    def test_audit_offset_huge(self):
+        """audit_query with offset 10^30 or 2^63 is error malformed (it got no reply)."""
+        owner = self.hello(self.owner)
+        for offset in (10**30, 2**63, 2**53):
+            owner.send({"type": "audit_query", "offset": offset, "_reqId": "a"})
+            self.assertEqual((owner.last()["type"], owner.last().get("code")),
+                             ("error", "malformed"), owner.last())
+        owner.send({"type": "audit_query", "offset": 2**53 - 1, "_reqId": "a"})
+        self.assertEqual((owner.last()["type"], owner.last()["entries"]), ("audit_result", []))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_every_integer_field_bounded(self):
+        """Each integer field of each frame refuses 2^53 and -(2^53) as malformed."""
+        integer_fields = {"audit_query": ["limit", "offset"], "hello": ["pid"],
+                          "join": ["timestamp"], "create_invite": ["maxUses", "expiresIn"],
+                          "disconnect": ["stale"], "kick": ["stale"]}
+        for type_name, names in integer_fields.items():
+            for name in names:
+                for value in (2**53, -(2**53), 10**30):
+                    frame = dict(SAMPLE_FRAMES[type_name], type=type_name)
+                    frame.pop("target", None)
+                    frame[name] = value
+                    with self.assertRaises(protocol.FrameError) as caught:
+                        protocol.decode(json.dumps(frame))
+                    self.assertIn(repr(name), caught.exception.message)
+
+
+class HugeOffsetStoreMixin:
+    """
+    Item 6 in the store: the largest offset the protocol lets through is
+    answered by both databases (SQLite overflowed past 2^63).
+    """
+
+    @defer.inlineCallbacks
+    def test_largest_offset(self):
+        """audit_entries with offset 2^53-1 is an empty page, not an OverflowError."""
+        store = self.make_store()
+        yield store.open()
+        self.addCleanup(store.close)
+        now = _RealClock.now_ms()
+        yield store.create_mesh(MeshRecord("m-o", "o", "o", "k", now),
+                                MemberRecord("u-o", "m-o", "k", "o", "owner", now))
+        yield store.append_audit([AuditEvent("m-o", "x", None, {}, now)])
+        entries, total = yield store.audit_entries("m-o", 500, protocol.MAX_SAFE_INTEGER)
+        self.assertEqual((entries, total), ([], 1))
+
+
+class HugeOffsetSQLiteTests(OnSQLite, HugeOffsetStoreMixin, unittest.TestCase):
+    pass
+
+
+class HugeOffsetPostgresTests(OnPostgres, HugeOffsetStoreMixin, unittest.TestCase):
+    pass
+
+
+# -- item 7: capacity before authentication -----------------------------------------------
+
+
+class CapacityAfterAuthenticationTests(WireTestCase):
+    """
+    Item 7: a full mesh answers outsiders and bad credentials as such, not
+    with capacity, which only a member that proved itself learns.
+    """
+
+    settings = {"max_connections_per_mesh": 1}
+
+    def setUp(self):
+        WireTestCase.setUp(self)
+        self.hello(self.owner)
+
+    def refused(self, hello, code):
+        wire = self.wire()
+        wire.send(hello)
+        self.assertEqual([f.get("code") for f in wire.frames], [code])
+        self.assertEqual(wire.client.close_info, (True, 1008, code))
+
+    def test_outsider_unauthorized(self):
+        """An outsider's hello to a full mesh is unauthorized, not capacity."""
+        self.alice.identity = crypto.Identity.generate()
+        self.refused(self.alice.hello_dict(), "unauthorized")
+
+    def test_bad_signature_before_capacity(self):
+        """A member's hello with a bad signature to a full mesh is bad_signature."""
+        self.refused(self.alice.hello_dict(signature="c" * 128), "bad_signature")
+
+    def test_member_gets_capacity(self):
+        """A member that proved itself learns the mesh is full."""
+        self.refused(self.alice.hello_dict(), "capacity")
+
+
+# -- item 11: hook session id squatting ----------------------------------------------------
+
+
+class HookSquattingTests(WireTestCase):
+    """
+    Item 11: a hook's session id is matched against the caller's own
+    sessions only; another member claiming that id in its hello changes
+    nothing for the caller.
+    """
+
+    def setUp(self):
+        WireTestCase.setUp(self)
+        from claudemesh.broker.hook import HookStatusResource
+        from tests.test_hook import HookTestCase
+
+        self.resource = HookStatusResource(self.fx.broker, 4096)
+        self.post = lambda body, peer: HookTestCase.post(self, body, peer=peer)
+        # Alice squats bob's Claude session id.
+        self.hello(self.alice, claudeSessionId="cs-bob")
+
+    def bob_session(self):
+        [session] = self.fx.broker.cached_mesh(self.bob.mesh.id).sessions_of(self.bob.member.id)
+        return session
+
+    def test_hook_before_bobs_session(self):
+        """Bob's hook for his Claude session is pending (not 403), applied when it says hello."""
+        code, reply = self.post({"status": "working", "cwd": "", "pid": 0,
+                                 "session_id": "cs-bob"}, self.bob)
+        self.assertEqual((code, reply), (200, {"ok": True, "pending": True}))
+        self.hello(self.bob, claudeSessionId="cs-bob")
+        self.assertEqual(self.bob_session().status.status, "working")
+        [alice] = self.fx.broker.cached_mesh(self.alice.mesh.id).sessions_of(
+            self.alice.member.id)
+        self.assertEqual(alice.status.status, "idle")
+
+    def test_hook_matches_bobs_session_by_cwd(self):
+        """Bob's hook naming a squatted id still finds bob's own session by its cwd."""
+        self.hello(self.bob, session_id="b1")
+        cwd = self.bob_session().cwd
+        code, reply = self.post({"status": "working", "cwd": cwd, "pid": 0,
+                                 "session_id": "cs-bob"}, self.bob)
+        self.assertEqual((code, reply["status"]), (200, "working"))
+        self.assertEqual(self.bob_session().status.status, "working")
+
+
+# -- item 13: invites of a demoted admin; the hello's domain tag ----------------------------
+
+
+class DemotedAdminInviteTests(WireTestCase):
+    """
+    Item 13: an invite dies with its creator's right to make it; promoting
+    the creator again does not bring it back.
+    """
+
+    def setUp(self):
+        WireTestCase.setUp(self)
+        from tests.test_replay import JoinReplayTests
+
+        self.owner_wire = self.hello(self.owner, session_id="owner")
+        self.token = lambda reply, signer: JoinReplayTests.token(self, reply, signer=signer)
+        self.join_frame = lambda token, invite_id: JoinReplayTests.join_frame(
+            self, token, invite_id)
+
+    def set_role(self, target, role):
+        self.owner_wire.send({"type": "set_role", "target": target, "role": role})
+        self.assertEqual(self.owner_wire.last()["type"], "set_role_ack", self.owner_wire.last())
+
+    def invite_by(self, wire, role="member"):
+        wire.send({"type": "create_invite", "role": role, "maxUses": 5})
+        reply = wire.last()
+        self.assertEqual(reply["type"], "invite_created", reply)
+        return reply
+
+    def join_with(self, reply, signer):
+        wire = self.wire()
+        wire.send(self.join_frame(self.token(reply, signer), reply["inviteId"]))
+        return wire.last()
+
+    def test_demoted_then_promoted(self):
+        """An admin's invite stays dead after a demotion, even once the admin is promoted again."""
+        self.set_role("alice", "admin")
+        alice = self.hello(self.alice)
+        reply = self.invite_by(alice)
+        self.set_role("alice", "member")
+        self.set_role("alice", "admin")
+        answer = self.join_with(reply, self.alice.identity)
+        self.assertEqual((answer["type"], answer.get("code")), ("error", "invite_revoked"))
+
+    def test_banned_then_unbanned(self):
+        """An admin's invite stays dead after a ban and an unban."""
+        self.set_role("alice", "admin")
+        alice = self.hello(self.alice)
+        reply = self.invite_by(alice)
+        self.owner_wire.send({"type": "ban", "target": "alice"})
+        self.owner_wire.send({"type": "unban", "target": "alice"})
+        self.assertEqual(self.owner_wire.last()["type"], "unban_ack")
+        answer = self.join_with(reply, self.alice.identity)
+        self.assertEqual((answer["type"], answer.get("code")), ("error", "invite_revoked"))
+
+    def test_former_owner_keeps_member_invites_only(self):
+        """After handing ownership over, the former owner's admin invites die, member ones live."""
+        admin_invite = self.invite_by(self.owner_wire, role="admin")
+        member_invite = self.invite_by(self.owner_wire)
+        self.set_role("bob", "owner")
+        answer = self.join_with(admin_invite, self.owner.identity)
+        self.assertEqual((answer["type"], answer.get("code")), ("error", "invite_revoked"))
+        answer = self.join_with(member_invite, self.owner.identity)
+        self.assertEqual((answer["type"], answer["role"]), ("join_ack", "member"))
+
+
+class HelloDomainTagTests(WireTestCase):
+    """
+    Item 13: the hello may be signed with the domain tag
+    C{claudemesh-hello/1}; the untagged form of the original clients stays
+    valid, and no other tagged string parses as one.
+    """
+
+    def test_tagged_hello(self):
+        """A hello signed over claudemesh-hello/1|meshId|memberId|pubkey|timestamp is accepted."""
+        now = self.fx.now_ms()
+        signature = self.alice.identity.sign(crypto.hello_string(
+            self.alice.mesh.id, self.alice.member.id, self.alice.pubkey, now, tagged=True))
+        self.hello(self.alice, timestamp=now, signature=signature)
+
+    def test_untagged_hello(self):
+        """The original clients' untagged hello is still accepted."""
+        now = self.fx.now_ms()
+        signature = self.alice.identity.sign("|".join([
+            self.alice.mesh.id, self.alice.member.id, self.alice.pubkey, str(now)]).encode())
+        self.hello(self.alice, timestamp=now, signature=signature)
+
+    def test_create_mesh_signature_is_no_hello(self):
+        """A create-mesh signature read as an untagged hello is malformed (meshId not an id)."""
+        now = self.fx.now_ms()
+        owner = self.owner
+        signature = owner.identity.sign(crypto.create_mesh_string("team", owner.pubkey, now))
+        wire = self.wire()
+        wire.send({"type": "hello", "meshId": crypto.CREATE_TAG, "memberId": "team",
+                   "pubkey": owner.pubkey, "timestamp": now, "signature": signature,
+                   "sessionId": "s"})
+        self.assertEqual(wire.frames[0]["code"], "malformed")
+        self.assertIn("'meshId'", wire.frames[0]["message"])

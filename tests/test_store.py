@@ -263,9 +263,9 @@ class StoreTestsMixin:
         mesh, owner = yield self.makeMesh()
         member = yield self.addMember(mesh)
         changed = [self.event(mesh, "role_changed")]
-        self.assertTrue((yield self.store.set_member_role(member.id, "admin", changed)))
+        self.assertTrue((yield self.store.set_member_role(member.id, "admin", NOW, changed)))
         self.assertEqual((yield self.store.get_member(member.id)).role, "admin")
-        self.assertFalse((yield self.store.set_member_role("nope", "admin", changed)))
+        self.assertFalse((yield self.store.set_member_role("nope", "admin", NOW, changed)))
         self.assertEqual((yield self.auditTypes(mesh)), ["role_changed"])
 
     @defer.inlineCallbacks
@@ -274,11 +274,32 @@ class StoreTestsMixin:
         mesh, owner = yield self.makeMesh()
         heir = yield self.addMember(mesh)
         event = [self.event(mesh, "role_changed")]
-        self.assertTrue((yield self.store.hand_over_ownership(owner.id, heir.id, event)))
+        self.assertTrue((yield self.store.hand_over_ownership(owner.id, heir.id, NOW, event)))
         roles = {m.id: m.role for m in (yield self.store.list_members(mesh.id))}
         self.assertEqual(roles, {owner.id: "admin", heir.id: "owner"})
-        self.assertFalse((yield self.store.hand_over_ownership(heir.id, "nope", event)))
+        self.assertFalse((yield self.store.hand_over_ownership(heir.id, "nope", NOW, event)))
         self.assertEqual((yield self.auditTypes(mesh)), ["role_changed"])
+
+    @defer.inlineCallbacks
+    def test_invites_die_with_the_right_to_make_them(self):
+        """Demotion, hand-over and ban revoke the invites the new standing could not make."""
+        mesh, owner = yield self.makeMesh()
+        admin = yield self.addMember(mesh, role="admin")
+        heir = yield self.addMember(mesh)
+        by_admin = self.makeInvite(mesh, created_by=admin.id)
+        owner_admin = self.makeInvite(mesh, created_by=owner.id, role="admin")
+        owner_member = self.makeInvite(mesh, created_by=owner.id)
+        for invite in (by_admin, owner_admin, owner_member):
+            yield self.store.create_invite(invite)
+        yield self.store.set_member_role(admin.id, "member", NOW + 1)
+        yield self.store.set_member_role(admin.id, "admin", NOW + 2)
+        yield self.store.hand_over_ownership(owner.id, heir.id, NOW + 3)
+        revoked = {i.id: i.revoked_at for i in (yield self.store.list_invites(mesh.id))}
+        self.assertEqual(revoked, {by_admin.id: NOW + 1, owner_admin.id: NOW + 3,
+                                   owner_member.id: None})
+        yield self.store.ban_member(owner.id, NOW + 4)
+        revoked = {i.id: i.revoked_at for i in (yield self.store.list_invites(mesh.id))}
+        self.assertEqual(revoked[owner_member.id], NOW + 4)
 
     @defer.inlineCallbacks
     def test_ban_and_unban(self):
@@ -486,9 +507,9 @@ class StoreTestsMixin:
         yield self.assertAllOrNothing(
             lambda: self.store.join_member(member, NOW, [self.event(mesh, "member_joined")]))
         yield self.assertAllOrNothing(lambda: self.store.set_member_role(
-            member.id, "admin", [self.event(mesh, "role_changed")]))
+            member.id, "admin", NOW, [self.event(mesh, "role_changed")]))
         yield self.assertAllOrNothing(lambda: self.store.hand_over_ownership(
-            owner.id, member.id, [self.event(mesh, "role_changed")]))
+            owner.id, member.id, NOW, [self.event(mesh, "role_changed")]))
         yield self.assertAllOrNothing(lambda: self.store.ban_member(
             owner.id, NOW, [self.event(mesh, "member_banned")]))
         yield self.assertAllOrNothing(lambda: self.store.unban_member(

@@ -18,6 +18,7 @@ that goes away gives its leases back at once.
 """
 
 import collections
+import itertools
 import json
 import random
 import secrets
@@ -30,6 +31,7 @@ from zope.interface import Attribute, Interface
 
 from claudemesh import crypto, protocol
 from claudemesh.audit import iso_millis
+from claudemesh.broker import pages
 from claudemesh.broker.groupcommit import GroupCommit
 from claudemesh.broker.ratelimit import TokenBuckets
 from claudemesh.broker.status import DELIVERABLE, StatusState, apply_signal, decay, may_receive
@@ -134,7 +136,12 @@ class Session:
     One hello's session: live (with a connection) or in grace (without).
     """
 
+    # Sessions in the order this process made them: with connected_at, the
+    # sort key of peers_list (and of its page cursors).
+    _made = itertools.count(1)
+
     def __init__(self, mesh, member, hello, presence_id, now, display_name):
+        self.order = next(self._made)
         self.mesh = mesh
         self.member = member
         self.presence_id = presence_id
@@ -450,9 +457,6 @@ class Broker(service.Service):
         if hello.sessionPubkey is not None and not crypto.is_pubkey(hello.sessionPubkey):
             raise refuse("bad_session_pubkey", "sessionPubkey must be 64 lowercase hex chars")
         limit = self.settings.max_connections_per_mesh
-        mesh = self._meshes.get(hello.meshId)
-        if limit and mesh is not None and mesh.live_count() >= limit:
-            raise refuse("capacity", "mesh at connection capacity")
         now = self.now_ms()
         timestamp = hello.timestamp
         if (isinstance(timestamp, bool) or not isinstance(timestamp, int)
@@ -460,8 +464,8 @@ class Broker(service.Service):
             raise refuse("timestamp_skew", "hello rejected: timestamp_skew")
         if not (crypto.is_pubkey(hello.pubkey) and crypto.is_signature(hello.signature)):
             raise refuse("malformed", "hello rejected: malformed")
-        signed = crypto.hello_string(hello.meshId, hello.memberId, hello.pubkey, timestamp)
-        if not crypto.verify(hello.pubkey, signed, hello.signature):
+        if not crypto.verify_hello(hello.pubkey, hello.meshId, hello.memberId, timestamp,
+                                   hello.signature):
             raise refuse("bad_signature", "hello rejected: bad_signature")
         mesh = yield self.load_mesh(hello.meshId)
         member = mesh.members_by_pubkey.get(hello.pubkey) if mesh is not None else None
@@ -471,6 +475,10 @@ class Broker(service.Service):
             self.count_rejected("revoked")
             raise Refusal("revoked", revoked_message(mesh.name),
                           close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
+        # Capacity only once the hello proved a member: an outsider learns
+        # nothing about the mesh, not even that it is full (issue 11).
+        if limit and mesh.live_count() >= limit:
+            raise refuse("capacity", "mesh at connection capacity")
         if hello.sessionPubkey is not None:
             proof = crypto.session_proof_string(mesh.id, member.pubkey, hello.sessionPubkey)
             if not (hello.sessionSignature and crypto.is_signature(hello.sessionSignature)
@@ -482,10 +490,10 @@ class Broker(service.Service):
                 # member to prove a key owns it (issue 11: a second claimant
                 # was handed the owner's queued DMs).
                 raise refuse("bad_session_pubkey", "sessionPubkey belongs to another member")
-        # The capacity check above ran before any await; check again now the
-        # mesh is surely loaded.
-        if limit and mesh.live_count() >= limit:
-            raise refuse("capacity", "mesh at connection capacity")
+            # Binding the key waited for the store: others may have taken
+            # the last slots meanwhile.
+            if limit and mesh.live_count() >= limit:
+                raise refuse("capacity", "mesh at connection capacity")
         display_name = member.display_name
         if hello.displayName:
             display_name = hello.displayName
@@ -741,20 +749,33 @@ class Broker(service.Service):
         groups changed (C{peer_status}, carrying its C{peers_list} row).
         """
         if session.announced:
-            self._broadcast_system(session, "peer_status", self._peer_row(session),
-                                   watchers_only=True)
+            row = self._peer_row(session)
+            budget = self.settings.max_message_bytes
+            if budget and pages.size_of(row) > budget:
+                # As in peers_list: a row too large for a frame goes shortened.
+                row = pages.shortened(row)
+            self._broadcast_system(session, "peer_status", row, watchers_only=True)
 
     # -- peers, status, summary, groups ----------------------------------------
 
     def list_peers(self, session, frame):
         self.touch(session)
-        peers = []
-        sessions = sorted(session.mesh.sessions.values(), key=lambda s: s.connected_at)
-        for s in sessions:
-            if not s.announced and s is not session:
-                continue
-            peers.append(self._peer_row(s))
-        return {"type": "peers_list", "peers": peers}
+        listed = [s for s in session.mesh.sessions.values() if s.announced or s is session]
+        return self.page({"type": "peers_list"}, "peers", listed, self._peer_row,
+                         lambda s: (s.connected_at, s.order), (int, int), frame.cursor)
+
+    def page(self, reply, field, rows, entry_of, key_of, shape, cursor):
+        """
+        C{reply} with the page of C{rows} after C{cursor} that fits in a
+        frame (L{claudemesh.broker.pages}).
+
+        @raise Refusal: C{malformed} for a cursor this broker did not make.
+        """
+        try:
+            return pages.page(reply, field, rows, self.settings.max_message_bytes, entry_of,
+                              key_of, shape, cursor)
+        except pages.BadCursor as e:
+            raise Refusal("malformed", str(e)) from None
 
     def _peer_row(self, s):
         """
@@ -826,6 +847,11 @@ class Broker(service.Service):
 
     def join_group(self, session, frame):
         self.touch(session)
+        if frame.name not in session.groups and len(session.groups) >= protocol.MAX_GROUPS:
+            # The same cap as a hello's: a session's groups go into every
+            # peers_list row and presence event about it (issue 11).
+            raise Refusal("too_many_groups", "a session holds at most %d groups; leave one "
+                          "first" % (protocol.MAX_GROUPS,))
         session.groups[frame.name] = frame.role
         self.writes.update_session(session.presence_id, {"groups": tuple(sorted(session.groups))})
         self._status_event(session)
@@ -1189,8 +1215,8 @@ class Broker(service.Service):
             raise Refusal("not_found", "message not found")
         rows = yield self.store.message_deliveries(frame.messageId)
         mesh = session.mesh
-        recipients = []
-        for row in rows:
+
+        def recipient(row):
             member = mesh.members.get(row.member_id)
             name = member.display_name if member is not None else "unknown"
             if row.recipient_kind == "session":
@@ -1198,9 +1224,11 @@ class Broker(service.Service):
             else:
                 pubkey = member.pubkey if member is not None else ""
             state = "queued" if row.state in ("queued", "leased") else row.state
-            recipients.append({"name": name, "pubkey": pubkey, "status": state})
-        return {"type": "message_status_result", "messageId": message.id,
-                "targetSpec": message.target_spec, "recipients": recipients}
+            return {"name": name, "pubkey": pubkey, "status": state}
+
+        return self.page({"type": "message_status_result", "messageId": message.id,
+                          "targetSpec": message.target_spec}, "recipients", rows, recipient,
+                         lambda row: (row.recipient_key,), (str,), frame.cursor)
 
     # -- audit -----------------------------------------------------------------------
 
@@ -1215,11 +1243,21 @@ class Broker(service.Service):
         entries, total = yield self.store.audit_entries(
             session.mesh.id, frame.limit, frame.offset, frame.eventType)
         names = session.mesh.members
-        return {"type": "audit_result", "total": total, "entries": [{
-            "seq": e.seq, "eventType": e.event_type,
-            "actor": names[e.actor].display_name if e.actor in names else (e.actor or "system"),
-            "payload": e.payload, "hash": e.hash, "createdAt": iso_millis(e.created_at),
-        } for e in entries]}
+
+        def entry(e):
+            return {
+                "seq": e.seq, "eventType": e.event_type,
+                "actor": names[e.actor].display_name if e.actor in names
+                else (e.actor or "system"),
+                "payload": e.payload, "hash": e.hash, "createdAt": iso_millis(e.created_at)}
+
+        reply = pages.fill({"type": "audit_result", "total": total}, "entries", entries,
+                           self.settings.max_message_bytes, entry, next_field="nextOffset",
+                           next_value=lambda taken: frame.offset + taken)
+        if "nextOffset" not in reply and frame.offset + len(entries) < total:
+            # A full page (limit rows) with more after it.
+            reply["nextOffset"] = frame.offset + len(entries)
+        return reply
 
     @defer.inlineCallbacks
     def audit_verify(self, session, frame):
@@ -1241,8 +1279,8 @@ class Broker(service.Service):
         /hook/set-status}).
 
         @return: a L{Deferred} firing with the result object.
-        @raise Refusal: C{unauthorized}, C{rate_limited}, C{malformed} or
-            C{forbidden}; nothing changes.
+        @raise Refusal: C{unauthorized}, C{rate_limited} or C{malformed};
+            nothing changes.
         """
         now = self.now_ms()
         try:
@@ -1268,13 +1306,12 @@ class Broker(service.Service):
         mine = [s for s in mesh.sessions_of(member.id) if not s.watch]
         target = None
         if session_id:
-            # The caller's own session first: session ids are only unique per
-            # member, so another member may use the same one.
-            named = [s for s in mesh.sessions.values()
-                     if session_id in (s.session_id, s.claude_session_id)]
-            target = next((s for s in named if s.member.id == member.id), None)
-            if target is None and named:
-                raise Refusal("forbidden", "that session belongs to another member")
+            # The caller's own sessions only: session ids are client-chosen
+            # and unique per member at best, so another member's session
+            # with the same id (by chance, or squatted in its hello to
+            # block this one: issue 11) must neither match nor refuse.
+            named = [s for s in mine if session_id in (s.session_id, s.claude_session_id)]
+            target = max(named, key=lambda s: s.connected_at, default=None)
         if target is None and pid and cwd:
             candidates = [s for s in mine if s.pid == pid and s.cwd == cwd]
             target = max(candidates, key=lambda s: s.connected_at, default=None)

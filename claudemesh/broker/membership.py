@@ -207,10 +207,10 @@ class Membership:
         self._broker.touch(session)
         self._require_moderator(session, "list invites")
         invites = yield self._store.list_invites(session.mesh.id)
-        return {"type": "invites_list", "invites": [{
+        return self._broker.page({"type": "invites_list"}, "invites", invites, lambda i: {
             "inviteId": i.id, "role": i.role, "maxUses": i.max_uses, "usedCount": i.used_count,
             "expiresAt": i.expires_at // 1000, "revoked": i.revoked_at is not None,
-        } for i in invites]}
+        }, lambda i: (i.created_at, i.id), (int, str), frame.cursor)
 
     @defer.inlineCallbacks
     def revoke_invite(self, session, frame):
@@ -319,10 +319,13 @@ class Membership:
             "target": target.display_name, "targetPubkey": target.pubkey, "role": frame.role})
         if frame.role == "owner":
             # Both roles change in one transaction: never two owners.
-            yield self._store.hand_over_ownership(session.member.id, target.id, [changed])
+            yield self._store.hand_over_ownership(session.member.id, target.id, self._now(),
+                                                  [changed])
             self._replace_member(mesh, attr.evolve(session.member, role="admin"))
         else:
-            yield self._store.set_member_role(target.id, frame.role, [changed])
+            # Invites the target could make and no longer can are revoked
+            # with the change (IStore.set_member_role).
+            yield self._store.set_member_role(target.id, frame.role, self._now(), [changed])
         self._replace_member(mesh, attr.evolve(target, role=frame.role))
         return {"type": "set_role_ack", "target": target.display_name, "role": frame.role}
 
@@ -352,11 +355,10 @@ class Membership:
         mesh = session.mesh
         # A watching session (claudemesh ui) does not make its member online.
         online = {s.member.id for s in mesh.sessions.values() if s.live and not s.watch}
-        members = sorted((m for m in mesh.members.values() if m.revoked_at is None),
-                         key=lambda m: (m.joined_at, m.display_name))
-        return {"type": "members_list", "members": [{
+        members = [m for m in mesh.members.values() if m.revoked_at is None]
+        return self._broker.page({"type": "members_list"}, "members", members, lambda m: {
             "name": m.display_name, "memberPubkey": m.pubkey, "role": m.role,
-            "online": m.id in online} for m in members]}
+            "online": m.id in online}, lambda m: (m.joined_at, m.id), (int, str), frame.cursor)
 
     # -- disconnect and kick -------------------------------------------------------------
 
@@ -445,11 +447,10 @@ class Membership:
     def list_bans(self, session, frame):
         self._broker.touch(session)
         self._require_moderator(session, "list bans")
-        banned = sorted((m for m in session.mesh.members.values() if m.revoked_at is not None),
-                        key=lambda m: m.revoked_at)
-        return {"type": "list_bans_result", "bans": [{
+        banned = [m for m in session.mesh.members.values() if m.revoked_at is not None]
+        return self._broker.page({"type": "list_bans_result"}, "bans", banned, lambda m: {
             "name": m.display_name, "pubkey": m.pubkey, "revokedAt": iso_millis(m.revoked_at),
-        } for m in banned]}
+        }, lambda m: (m.revoked_at, m.id), (int, str), frame.cursor)
 
 
 def token_matches(expected, authorization):

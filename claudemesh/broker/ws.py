@@ -13,6 +13,7 @@ configured maximum is closed by Autobahn with 1009.
 
 import collections
 
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -84,7 +85,15 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         return self._paused
 
     def send(self, frame):
-        self.send_encoded(protocol.encode(frame))
+        try:
+            self.send_encoded(protocol.encode(frame))
+        except PayloadExceededError:
+            # Replies are paged to fit (claudemesh.broker.pages); should one
+            # still not, the client learns it, and nothing else breaks.
+            self._log.warn("a {type} reply was too large to send", type=frame.get("type"))
+            self.send_encoded(protocol.encode(protocol.error_frame(
+                "reply_too_large", "the reply does not fit in a frame",
+                frame.get("_reqId"))))
 
     def send_encoded(self, payload):
         if self.state != WebSocketServerProtocol.STATE_OPEN:

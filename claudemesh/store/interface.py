@@ -115,22 +115,26 @@ class IStore(Interface):
         the same key fails with L{DuplicateKey} and takes no use.
         """
 
-    def set_member_role(member_id, role, audit=()):
+    def set_member_role(member_id, role, now, audit=()):
         """
-        Change a member's role. Fires with C{True} when the member exists.
+        Change a member's role, revoking (at C{now}) the open invites it
+        made that the new role could not make: all of them for C{member},
+        its admin invites for C{admin}. Fires with C{True} when the member
+        exists.
         """
 
-    def hand_over_ownership(owner_id, heir_id, audit=()):
+    def hand_over_ownership(owner_id, heir_id, now, audit=()):
         """
-        Make C{heir_id} the owner and C{owner_id} an admin, together. Fires
-        with C{True}, or C{False} (nothing changed) when the heir is not a
-        member in good standing.
+        Make C{heir_id} the owner and C{owner_id} an admin, together,
+        revoking (at C{now}) the admin invites C{owner_id} made. Fires with
+        C{True}, or C{False} (nothing changed) when the heir is not a member
+        in good standing.
         """
 
     def ban_member(member_id, revoked_at, audit=()):
         """
-        Revoke a membership and the invite it joined with. Fires with
-        C{True} when it was not revoked already.
+        Revoke a membership, the invite it joined with and every open
+        invite it made. Fires with C{True} when it was not revoked already.
         """
 
     def unban_member(member_id, audit=()):

@@ -55,6 +55,23 @@ def select_invites_txn(where, params):
     return [InviteRecord(**dict(zip(INVITE_COLUMNS, row))) for row in rows]
 
 
+def revoke_invites_beyond_txn(member_id, role, now):
+    """
+    Revoke the open invites C{member_id} made that C{role} could not make
+    (all of them for C{"member"} or C{None}; admin invites for
+    C{"admin"}). An invite is worth what its creator may do when it was
+    made, and stays dead once that right is lost: promoting the creator
+    again does not bring it back (issue 11). Fires with how many.
+    """
+    if role == "owner":
+        return 0
+    sql = "UPDATE invites SET revoked_at = %s WHERE created_by = %s AND revoked_at IS NULL"
+    if role == "admin":
+        sql += " AND role <> 'member'"
+    count = yield Execute(sql, (now, member_id))
+    return count
+
+
 def insert_member_txn(member):
     yield InsertRows("members", MEMBER_COLUMNS, [attr.astuple(member)])
 
@@ -134,21 +151,22 @@ class MeshStore:
         yield from append_audit_txn(self.dialect, audit)
         return JoinOutcome(member, joined=True)
 
-    def set_member_role(self, member_id, role, audit=()):
+    def set_member_role(self, member_id, role, now, audit=()):
         return self.run_interaction("set_member_role", self._set_member_role_txn,
-                                    member_id, role, list(audit))
+                                    member_id, role, now, list(audit))
 
-    def _set_member_role_txn(self, member_id, role, audit):
+    def _set_member_role_txn(self, member_id, role, now, audit):
         count = yield Execute("UPDATE members SET role = %s WHERE id = %s", (role, member_id))
         if count:
+            yield from revoke_invites_beyond_txn(member_id, role, now)
             yield from append_audit_txn(self.dialect, audit)
         return count > 0
 
-    def hand_over_ownership(self, owner_id, heir_id, audit=()):
+    def hand_over_ownership(self, owner_id, heir_id, now, audit=()):
         return self.run_interaction("hand_over_ownership", self._hand_over_ownership_txn,
-                                    owner_id, heir_id, list(audit))
+                                    owner_id, heir_id, now, list(audit))
 
-    def _hand_over_ownership_txn(self, owner_id, heir_id, audit):
+    def _hand_over_ownership_txn(self, owner_id, heir_id, now, audit):
         # The heir first: at no point does the mesh have no owner, and the
         # transaction makes "two owners" invisible to everyone else.
         count = yield Execute(
@@ -158,6 +176,7 @@ class MeshStore:
             return False
         yield Execute(
             "UPDATE members SET role = 'admin' WHERE id = %s AND role = 'owner'", (owner_id,))
+        yield from revoke_invites_beyond_txn(owner_id, "admin", now)
         yield from append_audit_txn(self.dialect, audit)
         return True
 
@@ -171,11 +190,13 @@ class MeshStore:
             (revoked_at, member_id))
         if not count:
             return False
-        # A ban is per key: the invite that key came with goes too.
+        # A ban is per key: the invite that key came with goes too, and so
+        # do the invites it made (an unban must not bring them back).
         yield Execute(
             "UPDATE invites SET revoked_at = %s WHERE revoked_at IS NULL"
             " AND id = (SELECT invite_id FROM members WHERE id = %s)",
             (revoked_at, member_id))
+        yield from revoke_invites_beyond_txn(member_id, None, revoked_at)
         yield from append_audit_txn(self.dialect, audit)
         return True
 
