@@ -49,8 +49,10 @@ class DoctorTests(BrokerProcessMixin, SynchronousTestCase):
         self.assertIn("member owner (owner)", out)
         self.assertIn("✓ team: clock skew against the broker ", out)
         self.assertIn("✓ MCP server registered", out)
-        self.assertIn("✓ status hooks registered", out)
-        self.assertIn("✓ claude found at %s" % (os.path.join(self.bin, "claude"),), out)
+        self.assertIn("✓ hooks registered", out)
+        self.assertIn("✓ claude found at %s (Claude Code 2.1.332)"
+                      % (os.path.join(self.bin, "claude"),), out)
+        self.assertIn("✓ delivery: inbox socket", out)
         document = json.loads(self.doctor("--json")[1])
         self.assertTrue(document["ok"])
         self.assertTrue(all(c["ok"] for c in document["checks"]))
@@ -71,6 +73,38 @@ class DoctorTests(BrokerProcessMixin, SynchronousTestCase):
         self.assertIn("✗ %s (0644)" % (path,), out)
         self.assertIn("→ chmod 600 %s" % (path,), out)
         self.assertIn("✗ MCP server not registered", out)
-        self.assertIn("✗ status hooks missing (working, idle)", out)
+        self.assertIn("✗ hooks missing (UserPromptSubmit, Stop, StopFailure, SessionStart)", out)
         self.assertEqual(out.count("→ claudemesh install"), 2)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o644)  # reports, never fixes
+
+    def test_old_claude_code_without_hooks(self):
+        """An old Claude Code and no hooks: no delivery path works, ✗ with the fix."""
+        env = self.doctor_env(FAKE_CLAUDE_VERSION="2.0.5 (Claude Code)")
+        code, out, _ = self.cm("owner", "doctor", env=env)
+        self.assertEqual(code, 1, out)
+        self.assertIn("✗ delivery: none works: Claude Code 2.0.5 has no inbox socket", out)
+        self.assertIn("→ claudemesh install (hooks), or update Claude Code", out)
+        self.cm("owner", "install", env=env)
+        code, out, _ = self.cm("owner", "doctor", env=env)
+        self.assertEqual(code, 0, out)
+        self.assertIn("✓ delivery: hooks only, because Claude Code 2.0.5 has no inbox socket", out)
+
+    def test_third_party_provider(self):
+        """On Bedrock the inbox socket is not there: doctor says hooks only."""
+        env = self.doctor_env(CLAUDE_CODE_USE_BEDROCK="1")
+        self.cm("owner", "install", env=env)
+        code, out, _ = self.cm("owner", "doctor", env=env)
+        self.assertEqual(code, 0, out)
+        self.assertIn("✓ delivery: hooks only, because the inbox socket is not on Bedrock", out)
+
+    def test_cli_only_user(self):
+        """Without Claude Code the Claude Code checks are optional (–): a CLI-only setup exits 0."""
+        env = self.env("owner", PATH=os.path.dirname(sys.executable) + os.pathsep + os.defpath)
+        code, out, err = self.cm("owner", "doctor", env=env)
+        self.assertEqual(code, 0, out + err)
+        self.assertNotIn("✗", out)
+        self.assertIn("– claude not found on PATH (only needed", out)
+        self.assertIn("– MCP server not registered", out)
+        self.assertNotIn("delivery:", out)
+        checks = json.loads(self.cm("owner", "doctor", "--json", env=env)[1])["checks"]
+        self.assertTrue([c for c in checks if c.get("optional") and not c["ok"]])

@@ -10,9 +10,12 @@ session's status) is in test_mcp_server.
 import http.server
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -22,6 +25,7 @@ from claudemesh import crypto
 from claudemesh.cli import hook
 from tests.clientfixture import free_port
 from tests.test_cli_commands import claudemesh_command
+from tests.unixfixture import UnixSocketServer
 
 
 def write_config(directory, meshes):
@@ -167,9 +171,13 @@ class ProcessTests(SynchronousTestCase):
     def setUp(self):
         self.dir = self.mktemp()
         self.dead = "ws://127.0.0.1:%d/ws" % (free_port(),)
+        # No MCP server's local socket to find (the hook posts itself).
+        self.runtime = tempfile.mkdtemp(prefix="cm-run-")
+        self.addCleanup(shutil.rmtree, self.runtime, True)
 
     def env(self, **extra):
-        env = dict(os.environ, CLAUDEMESH_CONFIG_DIR=self.dir)
+        env = dict(os.environ, CLAUDEMESH_CONFIG_DIR=self.dir,
+                   CLAUDEMESH_RUNTIME_DIR=self.runtime)
         env.pop("CLAUDEMESH_HOOK_DEBUG", None)
         env.update(extra)
         return env
@@ -234,3 +242,48 @@ class ProcessTests(SynchronousTestCase):
             done = subprocess.run(claudemesh_command() + ["hook", "idle"], input=b"nonsense",
                                   capture_output=True, env=env, timeout=30)
             self.assertEqual((done.returncode, done.stdout, done.stderr), (0, b"", b""))
+
+
+class ClaudeCodeParentTests(SynchronousTestCase):
+    """
+    Claude Code runs hook commands through /bin/sh -c: the hook still finds
+    the MCP server of its Claude Code (here: this test process), with and
+    without exec, and prints what that server answers.
+    """
+
+    def setUp(self):
+        self.runtime = tempfile.mkdtemp(prefix="cm-run-")
+        self.addCleanup(shutil.rmtree, self.runtime, True)
+        output = {"hookSpecificOutput": {"hookEventName": "UserPromptSubmit",
+                                         "additionalContext": "bob: hi"}}
+        self.server = UnixSocketServer(os.path.join(self.runtime, "cc-%d.sock" % (os.getpid(),)),
+                                      {"output": output})
+        self.addCleanup(self.server.close)
+        self.output = output
+
+    def run_through_shell(self, command):
+        env = dict(os.environ, CLAUDEMESH_RUNTIME_DIR=self.runtime,
+                   CLAUDEMESH_CONFIG_DIR=os.path.join(self.runtime, "none"))
+        payload = {"hook_event_name": "UserPromptSubmit", "session_id": "s1", "prompt": "x"}
+        return subprocess.run(["/bin/sh", "-c", command], input=json.dumps(payload).encode(),
+                              capture_output=True, env=env, timeout=30)
+
+    def check(self, command):
+        done = self.run_through_shell(command)
+        self.assertEqual((done.returncode, done.stderr), (0, b""))
+        self.assertEqual(json.loads(done.stdout), self.output)
+        request = self.server.requests[-1]
+        self.assertEqual((request["op"], request["event"], request["status"],
+                          request["payload"]["session_id"]),
+                         ("hook", "UserPromptSubmit", "working", "s1"))
+
+    def test_with_exec(self):
+        """'exec claudemesh hook working' (what install writes): the parent is Claude Code."""
+        self.check("exec " + " ".join(shlex.quote(a) for a in claudemesh_command())
+                   + " hook working")
+
+    def test_without_exec(self):
+        """An older install without exec: the hook looks past the shell to its parent."""
+        # A second command keeps sh from exec-ing the last one by itself.
+        self.check(" ".join(shlex.quote(a) for a in claudemesh_command())
+                   + " hook working; true")

@@ -75,7 +75,8 @@ class InstallTests(SynchronousTestCase):
         code, out, err = self.run_main("install")
         self.assertEqual((code, err), (0, ""))
         self.assertIn('✓ MCP server "claudemesh" added', out)
-        self.assertIn("2 added, 0 already present", out)
+        self.assertIn("4 added, 0 already present", out)
+        self.assertIn("✓ Status line added", out)
         self.assertIn("Restart Claude Code", out)
 
         # Backups hold the originals.
@@ -107,7 +108,17 @@ class InstallTests(SynchronousTestCase):
         self.assertEqual(stop[0], "notify-send done")
         self.assertEqual([shlex.split(c)[-2:] for c in stop[1:]], [["hook", "idle"]])
         self.assertEqual([shlex.split(c)[-2:] for c in submit], [["hook", "working"]])
-        self.assertEqual(install.hooks_registered(self.env), {"idle", "working"})
+        for event, status in (("StopFailure", "idle"), ("SessionStart", "idle")):
+            [command] = [h["command"] for g in settings["hooks"][event] for h in g["hooks"]]
+            self.assertEqual(shlex.split(command)[-2:], ["hook", status])
+        # exec: the hook replaces Claude Code's /bin/sh -c, so its parent
+        # is Claude Code.
+        self.assertTrue(all(c.startswith("exec /") for c in stop[1:] + submit), stop + submit)
+        self.assertEqual(settings["statusLine"]["type"], "command")
+        self.assertEqual(shlex.split(settings["statusLine"]["command"])[-1], "statusline")
+        self.assertEqual(install.hooks_registered(self.env),
+                         {"UserPromptSubmit", "Stop", "StopFailure", "SessionStart"})
+        self.assertTrue(install.statusline_registered(self.env))
         self.assertTrue(install.mcp_registered(self.env))
 
         # Idempotent: same bytes, no new backup.
@@ -115,7 +126,8 @@ class InstallTests(SynchronousTestCase):
         code, out, _ = self.run_main("install")
         self.assertEqual(code, 0)
         self.assertIn('✓ MCP server "claudemesh" unchanged', out)
-        self.assertIn("0 added, 2 already present", out)
+        self.assertIn("0 added, 4 already present", out)
+        self.assertIn("✓ Status line unchanged", out)
         self.assertEqual((open(self.claude_json).read(), open(self.settings).read()), before)
         self.assertEqual(len(self.backup_names()), 2)
 
@@ -136,7 +148,8 @@ class InstallTests(SynchronousTestCase):
         self.assertEqual(self.backup_names(), [])
         self.assertEqual(os.stat(self.claude_json).st_mode & 0o777, 0o600)
         self.assertEqual(list(self.read(self.claude_json)["mcpServers"]), ["claudemesh"])
-        self.assertEqual(sorted(self.read(self.settings)["hooks"]), ["Stop", "UserPromptSubmit"])
+        self.assertEqual(sorted(self.read(self.settings)["hooks"]),
+                         ["SessionStart", "Stop", "StopFailure", "UserPromptSubmit"])
         self.assertIn("join a mesh", out)
         self.run_main("uninstall")
         self.assertEqual(self.read(self.claude_json), {})
@@ -165,6 +178,19 @@ class InstallTests(SynchronousTestCase):
         stop = self.read(self.settings)["hooks"]["Stop"]
         self.assertEqual(len(stop), 1)
         self.assertNotIn("/old/", stop[0]["hooks"][0]["command"])
+        self.assertTrue(stop[0]["hooks"][0]["command"].startswith("exec "))
+
+    def test_own_status_line_kept(self):
+        """A status line of the user's own is kept by install (which says how) and uninstall."""
+        mine = {"type": "command", "command": "~/bin/my-status"}
+        self.write(self.settings, {"statusLine": mine})
+        code, out, _ = self.run_main("install")
+        self.assertEqual(code, 0)
+        self.assertIn("You have a status line already", out)
+        self.assertIn("claudemesh statusline", out)
+        self.assertEqual(self.read(self.settings)["statusLine"], mine)
+        self.run_main("uninstall")
+        self.assertEqual(self.read(self.settings), {"statusLine": mine})
 
     def test_corrupt_file_untouched(self):
         """A settings file that is not JSON is reported (exit 1) and left as it is."""
@@ -179,10 +205,12 @@ class InstallTests(SynchronousTestCase):
     def test_our_hook_recognition(self):
         """Only 'claudemesh hook <status>' commands (any path, or python -m) count as ours."""
         for command in ("claudemesh hook idle", "'/a b/claudemesh' hook working",
-                        "'/x/claudemesh' hook dnd",
-                        "/usr/bin/python3 -m claudemesh.cli.main hook idle"):
+                        "'/x/claudemesh' hook dnd", "exec /x/claudemesh hook idle",
+                        "/usr/bin/python3 -m claudemesh.cli.main hook idle",
+                        "exec /usr/bin/python3 -m claudemesh.cli.main hook working"):
             self.assertTrue(install.is_our_hook(command), command)
         for command in ("claudemesh hooks idle", "notclaudemesh hook idle", "echo claudemesh",
                         "claudemesh hook idle && rm -rf x", None, "claudemesh hook busy",
+                        "exec exec claudemesh hook idle", "exec",
                         "unbalanced 'quote"):
             self.assertFalse(install.is_our_hook(command), command)

@@ -19,6 +19,9 @@ from tests.test_client_units import make_entry
 
 FAKE_CLAUDE = """#!%s
 import json, os, sys
+if sys.argv[1:] == ["--version"]:
+    print(os.environ.get("FAKE_CLAUDE_VERSION", "2.1.332 (Claude Code)"))
+    sys.exit(0)
 with open(os.environ["FAKE_CLAUDE_RECORD"], "w") as f:
     json.dump({"argv": sys.argv[1:], "pid": os.getpid(),
                "env": {k: v for k, v in os.environ.items() if k.startswith("CLAUDEMESH_")}}, f)
@@ -67,18 +70,17 @@ class LaunchTests(SynchronousTestCase):
             return json.load(f)
 
     def test_launch_arguments_and_environment(self):
-        """claude gets --session-id <uuid> and the channel flag; the env carries the same id."""
+        """claude gets the channel flag ('=' form) and --session-id <uuid>; the env the same id."""
         self.join(make_entry("team", displayName="alice"))
         code, out, err = self.run_cm("launch", "--", "--model", "opus")
         self.assertEqual(code, 0, err)
         seen = self.recorded()
         argv, env = seen["argv"], seen["env"]
-        self.assertEqual(argv[:2], ["--dangerously-load-development-channels",
-                                    "server:claudemesh"])
-        self.assertEqual(argv[2], "--session-id")
-        session = argv[3]
+        self.assertEqual(argv[0], "--dangerously-load-development-channels=server:claudemesh")
+        self.assertEqual(argv[1], "--session-id")
+        session = argv[2]
         self.assertEqual(str(uuid.UUID(session)), session)
-        self.assertEqual(argv[4:], ["--model", "opus"])
+        self.assertEqual(argv[3:], ["--model", "opus"])
         self.assertEqual(env["CLAUDEMESH_SESSION_ID"], session)
         self.assertEqual(env["CLAUDEMESH_DISPLAY_NAME"], "alice")
         self.assertEqual(env["CLAUDEMESH_CONFIG_DIR"], self.cfg)
@@ -100,8 +102,9 @@ class LaunchTests(SynchronousTestCase):
                                    "server:x", "-p", "hi")
         self.assertEqual(code, 0, err)
         seen = self.recorded()
-        self.assertEqual(seen["argv"][4:], ["-p", "hi"])
-        self.assertEqual(seen["argv"].count("--dangerously-load-development-channels"), 1)
+        self.assertEqual(seen["argv"][3:], ["-p", "hi"])
+        self.assertEqual(len([a for a in seen["argv"]
+                              if a.startswith("--dangerously-load-development-channels")]), 1)
         env = seen["env"]
         self.assertEqual((env["CLAUDEMESH_MESH"], env["CLAUDEMESH_DISPLAY_NAME"],
                           env["CLAUDEMESH_MESSAGE_MODE"]), ("other", "Bob", "inbox"))
@@ -114,8 +117,16 @@ class LaunchTests(SynchronousTestCase):
         self.assertEqual(code, 0, err)
         seen = self.recorded()
         self.assertNotIn("--session-id", seen["argv"])
-        self.assertEqual(seen["argv"][2:], ["--resume", "abc"])
+        self.assertEqual(seen["argv"][1:], ["--resume", "abc"])
         self.assertNotIn("CLAUDEMESH_SESSION_ID", seen["env"])
+
+    def test_prompt_after_the_channel_flag(self):
+        """A prompt behind the channel flag stays a prompt: launch -- "hello" -c -p."""
+        self.join(make_entry("team"))
+        code, _, err = self.run_cm("launch", "--", "hello", "-c", "-p")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.recorded()["argv"], [
+            "--dangerously-load-development-channels=server:claudemesh", "hello", "-c", "-p"])
 
     def test_bare_claudemesh_launches(self):
         """A bare 'claudemesh' launches when a mesh is joined."""
@@ -162,11 +173,12 @@ class CommandTests(SynchronousTestCase):
 
     def test_passthrough(self):
         """A leading '--' is dropped; our channel flag is not doubled."""
+        ours = launch.CHANNELS_FLAG + "=" + launch.CHANNEL
         self.assertEqual(launch.claude_command("/c", "s", ["--", "-x"]),
-                         ["/c", launch.CHANNELS_FLAG, launch.CHANNEL, "--session-id", "s", "-x"])
+                         ["/c", ours, "--session-id", "s", "-x"])
         self.assertEqual(
             launch.claude_command("/c", None, [launch.CHANNELS_FLAG + "=server:y", "-c"]),
-            ["/c", launch.CHANNELS_FLAG, launch.CHANNEL, "-c"])
+            ["/c", ours, "-c"])
 
     def test_resumes(self):
         """--resume, -r, --continue, -c and --resume=ID count as resuming."""

@@ -76,8 +76,8 @@ class FakeClient:
 
 
 def inbound(text="hi", target=ALICE_SESSION, priority="next", sender=ALICE_MEMBER,
-            session=ALICE_SESSION):
-    return messages.Inbound(messageId="m-1", meshId="m1", senderPubkey=session,
+            session=ALICE_SESSION, message_id="m-1"):
+    return messages.Inbound(messageId=message_id, meshId="m1", senderPubkey=session,
                             senderMemberPubkey=sender, targetSpec=target, priority=priority,
                             createdAt="2026-11-28T10:00:00.000Z", seq=1, text=text)
 
@@ -102,7 +102,7 @@ class BridgeTests(SynchronousTestCase):
         return self.successResultOf(b.call(tool, arguments))
 
     def test_push_mode(self):
-        """A message becomes one channel notification (string meta) and waits in check_messages."""
+        """A message is one channel notification (string meta); check_messages does not repeat."""
         b = self.make()
         link = b.links[0]
         acked = link.client.kw["on_message"](inbound("hello there"))
@@ -113,18 +113,16 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual((meta["kind"], meta["from_name"], meta["mesh_slug"], meta["priority"],
                           meta["message_id"], meta["sent_at"]),
                          ("direct", "alice", "team", "next", "m-1", "2026-11-28T10:00:00.000Z"))
-        result = self.call(b, "check_messages")
-        self.assertEqual(result.text, "1 new message(s):\n\n[team] from alice (next, "
-                                      "2026-11-28T10:00:00.000Z):\nhello there")
         self.assertEqual(self.call(b, "check_messages"), bridge.ok("No new messages."))
+        self.assertIn("m-1", b.delivery.delivered_ids)
 
     def test_push_prefixes(self):
         """Urgent, low and broadcast messages are marked in the content."""
         b = self.make()
         deliver = b.links[0].client.kw["on_message"]
-        deliver(inbound("a", priority="now"))
-        deliver(inbound("b", priority="low", target="*"))
-        deliver(inbound("c", target="@ops"))
+        deliver(inbound("a", priority="now", message_id="m-1"))
+        deliver(inbound("b", priority="low", target="*", message_id="m-2"))
+        deliver(inbound("c", target="@ops", message_id="m-3"))
         self.assertEqual([c for c, _ in self.notes],
                          ["[URGENT] alice: a", "[low] alice (broadcast): b", "alice (@ops): c"])
         self.assertEqual(self.notes[1][1]["kind"], "broadcast")
@@ -139,9 +137,10 @@ class BridgeTests(SynchronousTestCase):
         """inbox notifies without the text; off does not notify; both keep the message."""
         b = self.make(mode="inbox")
         b.links[0].client.kw["on_message"](inbound("secret plans"))
-        self.assertEqual(self.notes, [("[inbox] New message from alice. Use check_messages to "
-                                       "read.", {"kind": "inbox_notification",
-                                                 "from_name": "alice", "mesh_slug": "team"})])
+        self.assertEqual(self.notes, [("[claudemesh] New message from alice on mesh team. Use "
+                                       "the claudemesh check_messages tool to read it.",
+                                       {"kind": "inbox_notification",
+                                        "from_name": "alice", "mesh_slug": "team"})])
         self.assertIn("secret plans", self.call(b, "check_messages").text)
         b = self.make(mode="off")
         b.links[0].client.kw["on_message"](inbound("quiet"))

@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.clientfixture import free_port
 from tests.test_cli_commands import claudemesh_command, twistd_command
+from tests.unixfixture import UnixSocketServer
 
 KICKED = "Kicked from this mesh. Run claudemesh to rejoin."
 
@@ -171,8 +172,15 @@ class BrokerProcessMixin:
     def env(self, who, **extra):
         env = dict(os.environ)
         for key in ("CLAUDEMESH_DISPLAY_NAME", "CLAUDEMESH_ADMIN_TOKEN", "CLAUDEMESH_SESSION_ID",
-                    "CLAUDEMESH_MESH", "CLAUDEMESH_MESSAGE_MODE", "CLAUDE_PROJECT_DIR"):
+                    "CLAUDEMESH_MESH", "CLAUDEMESH_MESSAGE_MODE", "CLAUDE_PROJECT_DIR",
+                    "CLAUDEMESH_CHANNELS", "CLAUDE_CODE_MESSAGING_SOCKET",
+                    "CLAUDE_CODE_MESSAGING_TOKEN", "CLAUDE_CODE_USE_BEDROCK",
+                    "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY"):
             env.pop(key, None)
+        # Every MCP server of these tests has the test as its parent (the
+        # "Claude Code" that the local sockets are named after): one
+        # runtime directory per member keeps theirs apart.
+        env["CLAUDEMESH_RUNTIME_DIR"] = os.path.join(self.tmp, who, "run")
         env["CLAUDEMESH_CONFIG_DIR"] = os.path.join(self.tmp, who, "config")
         env["HOME"] = os.path.join(self.tmp, who, "home")
         os.makedirs(env["HOME"], exist_ok=True)
@@ -196,12 +204,14 @@ class BrokerProcessMixin:
             link = json.loads(self.ok("owner", "invite", "--json"))["link"]
             self.ok(name, "join", link, "--name", name)
 
-    def mcp(self, who, session_id=None):
+    def mcp(self, who, session_id=None, **extra):
         """
         Start C{claudemesh mcp} as C{who} (a launched session when
-        C{session_id} is given) and initialize it.
+        C{session_id} is given, C{extra} in its environment) and initialize
+        it.
         """
-        extra = {"CLAUDEMESH_SESSION_ID": session_id} if session_id else {}
+        if session_id:
+            extra["CLAUDEMESH_SESSION_ID"] = session_id
         workdir = os.path.join(self.tmp, who, "work")
         os.makedirs(workdir, exist_ok=True)
         client = RawMCPClient(self.env(who, **extra), workdir,
@@ -231,7 +241,8 @@ class MCPAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
         self.start_broker()
         self.mesh_with("alice")
         self.alice_session = str(uuid.uuid4())
-        self.alice = self.mcp("alice", self.alice_session)
+        # Channels on: no inbox socket here, so they are the live path.
+        self.alice = self.mcp("alice", self.alice_session, CLAUDEMESH_CHANNELS="1")
         self.owner = self.mcp("owner", str(uuid.uuid4()))
         self.wait_for(lambda: self.peer_line("alice"), what="alice online")
 
@@ -258,7 +269,7 @@ class MCPAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
         self.assertEqual(self.alice.garbage, [])
 
     def test_send_receive_channel_and_check_messages(self):
-        """send_message reaches the other session as a channel notification and check_messages."""
+        """With channels on, a message reaches the other session as one channel notification."""
         text, error = self.owner.call("send_message", to="alice", message="hello from owner")
         self.assertFalse(error, text)
         self.assertTrue(text.startswith("✓ alice → "), text)
@@ -272,11 +283,7 @@ class MCPAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
         self.assertEqual((meta["from_name"], meta["mesh_slug"], meta["priority"]),
                          ("owner", "team", "next"))
         self.assertEqual(meta["message_id"], text.split("→ ")[1].strip())
-        text, error = self.alice.call("check_messages")
-        self.assertFalse(error)
-        self.assertIn("1 new message(s)", text)
-        self.assertIn("[team] from owner (next, ", text)
-        self.assertIn("hello from owner", text)
+        # It reached the model: check_messages does not give it again.
         self.assertEqual(self.alice.call("check_messages"), ("No new messages.", False))
         status, _ = self.owner.call("message_status", id=meta["message_id"])
         self.assertIn("alice", status)
@@ -348,3 +355,94 @@ class MCPAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
         self.wait_for(lambda: "[working]" in self.peer_line("alice"), what="working")
         write({"type": "text", "text": "done"})
         self.wait_for(lambda: "[idle]" in self.peer_line("alice"), what="idle")
+
+
+class DeliveryPathsAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
+    """
+    The inbox socket and the hook fallbacks with real MCP servers, a real
+    broker and the real hook and statusline commands.
+    """
+
+    def setUp(self):
+        self.start_broker()
+        self.mesh_with("alice")
+        self.alice_session = str(uuid.uuid4())
+        self.owner = self.mcp("owner", str(uuid.uuid4()))
+
+    def start_alice(self, **extra):
+        self.alice = self.mcp("alice", self.alice_session, **extra)
+        self.wait_for(lambda: "alice" in self.owner.call("list_peers")[0], what="alice online")
+
+    def hook(self, status, event, **payload):
+        payload.update(hook_event_name=event, session_id=self.alice_session, cwd="/w")
+        code, out, err = self.cm("alice", "hook", status, stdin=json.dumps(payload).encode())
+        self.assertEqual((code, err), (0, ""))
+        return json.loads(out) if out.strip() else None
+
+    def test_inbox_socket(self):
+        """A DM goes into the session's inbox socket (auth line first), whole and once."""
+        inbox = UnixSocketServer(os.path.join(self.tmp, "inbox.sock"))
+        self.addCleanup(inbox.close)
+        self.start_alice(CLAUDE_CODE_MESSAGING_SOCKET=inbox.path,
+                         CLAUDE_CODE_MESSAGING_TOKEN="secret-token")
+        text, error = self.owner.call("send_message", to="alice", message="build is green",
+                                      priority="now")
+        self.assertFalse(error, text)
+        message_id = text.split("→ ")[1].strip()
+        self.wait_for(lambda: inbox.received, what="the inbox socket")
+        [data] = inbox.received
+        auth, line, rest = data.split(b"\n")
+        self.assertEqual(json.loads(auth), {"type": "auth", "token": "secret-token"})
+        message = json.loads(line)
+        self.assertEqual((message["type"], message["priority"], message["message"]["role"]),
+                         ("user", "now", "user"))
+        self.assertIn("Message from owner on mesh team", message["message"]["content"])
+        self.assertIn("build is green", message["message"]["content"])
+        self.assertIn('to="owner"', message["message"]["content"])
+        self.assertEqual(rest, b"")
+        self.assertEqual(self.alice.call("check_messages"), ("No new messages.", False))
+        self.assertIsNone(self.hook("working", "UserPromptSubmit"))
+        self.wait_for(lambda: "delivered" in self.owner.call("message_status", id=message_id)[0],
+                      what="acknowledged")
+        self.assertEqual(len(inbox.received), 1)
+
+    def test_hooks_when_the_socket_is_gone(self):
+        """A socket nobody listens on: the next prompt's hook delivers, once; Stop blocks once."""
+        self.start_alice(CLAUDE_CODE_MESSAGING_SOCKET=os.path.join(self.tmp, "gone.sock"))
+        self.owner.call("send_message", to="alice", message="first one")
+        self.wait_for(lambda: "✉ 1" in self.cm("alice", "statusline")[1], what="pending")
+        output = self.hook("working", "UserPromptSubmit", prompt="hi")
+        context = output["hookSpecificOutput"]["additionalContext"]
+        self.assertEqual(output["hookSpecificOutput"]["hookEventName"], "UserPromptSubmit")
+        self.assertIn("first one", context)
+        self.assertIsNone(self.hook("working", "UserPromptSubmit", prompt="again"))
+        self.wait_for(lambda: "[working]" in (self.peer_line("alice") or ""), what="working")
+
+        self.owner.call("send_message", to="alice", message="before you stop", priority="now")
+        self.wait_for(lambda: "✉ 1" in self.cm("alice", "statusline")[1], what="pending")
+        self.assertIsNone(self.hook("idle", "Stop", stop_hook_active=True))
+        output = self.hook("idle", "Stop", stop_hook_active=False)
+        self.assertEqual(output["decision"], "block")
+        self.assertIn("before you stop", output["reason"])
+        self.assertIsNone(self.hook("idle", "Stop", stop_hook_active=False))
+        self.assertEqual(self.alice.call("check_messages"), ("No new messages.", False))
+        self.assertEqual(self.cm("alice", "statusline")[1], "team · 1 online · ✉ 0\n")
+
+    def test_session_start_and_no_server(self):
+        """SessionStart names the mesh and who is online; without an MCP server the config does."""
+        self.start_alice()
+        output = self.hook("idle", "SessionStart", source="startup")
+        context = output["hookSpecificOutput"]["additionalContext"]
+        self.assertIn('You are "alice" on mesh team; online: owner [idle]', context)
+        self.assertEqual(self.alice.close(), 0)
+        output = self.hook("idle", "SessionStart", source="startup")
+        self.assertIn('this session is on mesh team as "alice"',
+                      output["hookSpecificOutput"]["additionalContext"])
+        self.assertEqual(self.cm("alice", "statusline")[1], "team · offline\n")
+
+    def peer_line(self, name):
+        text, error = self.owner.call("list_peers")
+        for line in text.splitlines():
+            if line.startswith("- **%s**" % (name,)):
+                return line
+        return None

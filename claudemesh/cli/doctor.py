@@ -6,12 +6,20 @@ when everything passed, else 1.
 Checks: the config directory (0700) and C{config.json} (0600, readable), the
 keys of each mesh, each mesh's broker (a real signed hello as a one-shot
 session: reachability, latency, membership) and the clock skew against the
-broker's C{serverTime}, the MCP server and hook registration with Claude
-Code, and C{claude} on C{PATH}.
+broker's C{serverTime}; then the Claude Code side: C{claude} on C{PATH} and
+its version, the MCP server, hook and status line registration, and which
+path messages will take into a session (inbox socket, channel, hooks only).
+
+The Claude Code checks only matter to someone who uses Claude Code: without
+C{claude} on C{PATH} they are shown as optional (C{–}) and do not make
+doctor fail, so a CLI-only user gets exit 0.
 """
 
 import os
+import re
 import stat
+import subprocess
+import sys
 
 from twisted.internet import defer
 
@@ -24,18 +32,68 @@ from claudemesh.client import connection
 
 CONNECT_TIMEOUT = 5.0
 MAX_SKEW_SECONDS = 30.0
+VERSION_TIMEOUT = 5.0
+# Claude Code's cross-session inbox socket (CLAUDE_CODE_MESSAGING_SOCKET).
+INBOX_SINCE = (2, 1, 224)
+THIRD_PARTY = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY")
+UPDATE = "npm install -g @anthropic-ai/claude-code  (or: claude update)"
 
 
 class Report:
     def __init__(self):
         self.checks = []
 
-    def add(self, ok, text, fix=None):
-        self.checks.append({"ok": bool(ok), "check": text, "fix": None if ok else fix})
+    def add(self, ok, text, fix=None, optional=False):
+        check = {"ok": bool(ok), "check": text, "fix": None if ok else fix}
+        if optional:
+            check["optional"] = True
+        self.checks.append(check)
 
     @property
     def ok(self):
-        return all(c["ok"] for c in self.checks)
+        return all(c["ok"] or c.get("optional") for c in self.checks)
+
+
+def claude_version(claude):
+    """
+    C{(2, 1, 332)} from C{claude --version}, or C{None}.
+    """
+    try:
+        done = subprocess.run([claude, "--version"], capture_output=True, text=True,
+                              timeout=VERSION_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", done.stdout or "")
+    return tuple(int(n) for n in found.groups()) if found else None
+
+
+def delivery_path(version, environ, platform=None, hooks=True):
+    """
+    C{(path, why)}: the way messages will reach a session, C{inbox},
+    C{channel}, C{hooks} or C{None} (none works), and why not a better one.
+    """
+    from claudemesh.mcpserver.server import channels_wanted
+
+    platform = sys.platform if platform is None else platform
+    provider = [v for v in THIRD_PARTY if environ.get(v) not in (None, "", "0", "false")]
+    if version is None:
+        why = "the Claude Code version is unknown"
+    elif version < INBOX_SINCE:
+        why = "Claude Code %s has no inbox socket (2.1.224 and later)" % (
+            ".".join(map(str, version)),)
+    elif not (platform.startswith("linux") or platform == "darwin"):
+        why = "the inbox socket is not on %s" % (platform,)
+    elif provider:
+        why = "the inbox socket is not on %s" % (provider[0][len("CLAUDE_CODE_USE_"):].title(),)
+    else:
+        return "inbox", None
+    try:
+        extra = configuration.load(configuration.config_dir(environ)).extra
+    except configuration.ConfigError:
+        extra = {}
+    if channels_wanted(environ, extra):
+        return "channel", why
+    return ("hooks" if hooks else None), why
 
 
 def _mode(path):
@@ -76,25 +134,58 @@ def local_checks(report, environ):
             report.add(bool(entry.meshKey), "%s: mesh key %s" % (
                 entry.slug, "present" if entry.meshKey else "missing (broadcasts unreadable)"),
                 "join again with the full link (the part after '#' is the mesh key)")
+    claude_checks(report, environ)
+    return config
+
+
+def claude_checks(report, environ):
+    """
+    The Claude Code side; optional when C{claude} is not installed.
+    """
+    claude = launch.find_claude(environ)
+    optional = claude is None
+    if claude is None:
+        report.add(False, "claude not found on PATH (only needed to use claudemesh from "
+                   "Claude Code)", "install Claude Code", optional=True)
+        version = None
+    else:
+        version = claude_version(claude)
+        report.add(True, "claude found at %s (Claude Code %s)" % (
+            claude, ".".join(map(str, version)) if version else "version unknown"))
     try:
         registered = install.mcp_registered(environ)
         report.add(registered, "MCP server %sregistered in %s" % (
             "" if registered else "not ", install.claude_json_path(environ)),
-            "claudemesh install")
+            "claudemesh install", optional=optional)
     except install.InstallError as e:
-        report.add(False, str(e), "fix the file, then claudemesh install")
+        report.add(False, str(e), "fix the file, then claudemesh install", optional=optional)
+    hooks = False
     try:
         found = install.hooks_registered(environ)
-        missing = [s for s in ("working", "idle") if s not in found]
-        report.add(not missing, "status hooks %s in %s" % (
+        missing = [event for event, _ in install.HOOKS if event not in found]
+        hooks = "UserPromptSubmit" in found and "Stop" in found
+        report.add(not missing, "hooks %s in %s" % (
             "registered" if not missing else "missing (%s)" % (", ".join(missing),),
-            install.settings_path(environ)), "claudemesh install")
+            install.settings_path(environ)), "claudemesh install", optional=optional)
     except install.InstallError as e:
-        report.add(False, str(e), "fix the file, then claudemesh install")
-    claude = launch.find_claude(environ)
-    report.add(claude is not None, "claude found at %s" % (claude,) if claude else
-               "claude not found on PATH", "install Claude Code")
-    return config
+        report.add(False, str(e), "fix the file, then claudemesh install", optional=optional)
+    if claude is None:
+        return
+    path, why = delivery_path(version, environ, hooks=hooks)
+    inside = " (this shell runs in a session that has one)" if environ.get(
+        "CLAUDE_CODE_MESSAGING_SOCKET") else ""
+    if path == "inbox":
+        report.add(True, "delivery: inbox socket%s: a message starts a turn as it arrives, "
+                   "or joins the turn in progress; the hooks are the fallback" % (inside,))
+    elif path == "channel":
+        report.add(True, "delivery: channel notifications ($CLAUDEMESH_CHANNELS; needs "
+                   "channels enabled for your account), because %s" % (why,))
+    elif path == "hooks":
+        report.add(True, "delivery: hooks only, because %s: messages arrive with your next "
+                   "prompt, or before Claude stops" % (why,))
+    else:
+        report.add(False, "delivery: none works: %s, and the hooks are not installed" % (why,),
+                   "claudemesh install (hooks), or update Claude Code: " + UPDATE)
 
 
 @defer.inlineCallbacks
@@ -154,7 +245,8 @@ def cmd_doctor(reactor, arguments, environ):
         out("claudemesh doctor  (v%s)" % (__version__,))
         out("─" * 60)
         for c in report.checks:
-            out("%s %s" % ("✓" if c["ok"] else "✗", c["check"]))
+            out("%s %s" % ("✓" if c["ok"] else "–" if c.get("optional") else "✗",
+                           c["check"]))
             if not c["ok"] and c["fix"]:
                 out("    → %s" % (c["fix"],))
     return EXIT_OK if report.ok else EXIT_FAILURE

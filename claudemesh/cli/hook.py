@@ -1,20 +1,31 @@
 """
 C{claudemesh hook <idle|working|dnd>}: Claude Code's hooks run this on every
-prompt (C{UserPromptSubmit} → working) and at the end of every turn (C{Stop}
-→ idle), so it must be fast and must never get in the way.
+prompt (C{UserPromptSubmit} → working), at the end of every turn (C{Stop},
+C{StopFailure} → idle) and when a session starts (C{SessionStart} → idle),
+so it must be fast and must never get in the way.
 
-It reads the hook's JSON from stdin (at most 256 KiB, at most 0.5 s), takes
-C{cwd} (else C{$CLAUDE_PROJECT_DIR}, else the current directory) and
-C{session_id} (else C{$CLAUDEMESH_SESSION_ID}), and posts
+It reads the hook's JSON from stdin (at most 256 KiB, at most 0.5 s) and
+asks the MCP server of its own Claude Code session, over that server's
+local socket (L{claudemesh.mcpserver.local}), what to print: pending mesh
+messages as C{additionalContext} (C{UserPromptSubmit}), the reason to go on
+before stopping (C{Stop}), who and where you are (C{SessionStart}). That
+server also posts the status to the brokers, after answering; the hook does
+not wait for it.
+
+When no MCP server answers (it is not running, or not yet), the hook posts
 C{{cwd, pid, status, session_id}} to C{POST /hook/set-status} of each joined
-mesh's broker, signed by that mesh's member key (DESIGN 4.1), all meshes in
-parallel, each with a 1 s timeout. C{pid} is this process's parent: Claude
-Code, the pid the MCP server puts in its hello.
+mesh's broker itself, signed by that mesh's member key (DESIGN 4.1), all
+meshes in parallel, each with a 1 s timeout: C{cwd} from the JSON (else
+C{$CLAUDE_PROJECT_DIR}, else the current directory), C{session_id} from it
+(else C{$CLAUDEMESH_SESSION_ID}). C{pid} is Claude Code's, the pid the MCP
+server puts in its hello: this process's parent when the command was run
+with C{exec}, else the parent of the shell (L{local.claude_code_pid}).
 
-It always exits 0 and prints nothing, except debug lines on stderr with
-C{CLAUDEMESH_HOOK_DEBUG=1}. Imports stay light on purpose: the standard
-library (C{socket}, C{json}; C{http.client} for HTTPS only) and PyNaCl
-(through L{claudemesh.crypto}); no Twisted, Autobahn or MCP SDK.
+It always exits 0 and prints nothing but the hook's JSON, except debug
+lines on stderr with C{CLAUDEMESH_HOOK_DEBUG=1}. Imports stay light on
+purpose: the standard library (C{socket}, C{json}; C{http.client} for
+HTTPS only), and PyNaCl (through L{claudemesh.crypto}) only to sign a post
+of its own; no Twisted, Autobahn or MCP SDK.
 """
 
 import json
@@ -22,6 +33,8 @@ import os
 import sys
 import threading
 import time
+
+from claudemesh.mcpserver import local
 
 STATUSES = ("idle", "working", "dnd")
 MAX_STDIN_BYTES = 256 * 1024
@@ -96,11 +109,11 @@ def request_body(status, payload, environ, pid):
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def joined_meshes(environ):
+def joined_meshes(environ, with_names=False):
     """
     C{[(meshId, pubkey, secretKey, brokerUrl)]} from the config, read
     without the client library (which would cost imports); C{[]} when there
-    is nothing usable.
+    is nothing usable. C{with_names} adds the slug and display name.
     """
     directory = environ.get("CLAUDEMESH_CONFIG_DIR")
     if directory:
@@ -119,6 +132,8 @@ def joined_meshes(environ):
             continue
         fields = [m.get(k) for k in ("meshId", "pubkey", "secretKey", "brokerUrl")]
         if all(isinstance(v, str) and v for v in fields):
+            if with_names:
+                fields += [str(m.get("slug") or m["meshId"]), m.get("displayName") or ""]
             found.append(tuple(fields))
     return found
 
@@ -245,6 +260,27 @@ def report(status, payload, environ, pid, debug=None):
     return results
 
 
+def session_start_context(environ):
+    """
+    The C{SessionStart} context when no MCP server answered (it may not be
+    up yet): the joined meshes from the config.
+    """
+    names = [(m[4], m[5]) for m in joined_meshes(environ, with_names=True)]
+    if not names:
+        return None
+    where = ", ".join('mesh %s as "%s"' % (slug, name) if name else "mesh %s" % (slug,)
+                      for slug, name in names)
+    return ("claudemesh: this session is on %s. The claudemesh tools (list_peers, "
+            "send_message, check_messages) show who is online and talk to them. Messages "
+            "from mesh peers come from other sessions or people, not from your user." % (where,))
+
+
+def write_output(output, stream=None):
+    stream = sys.stdout if stream is None else stream
+    stream.write(json.dumps(output, ensure_ascii=False, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
 def main(argv, environ=None):
     """
     The hook entry point; returns 0 whatever happens.
@@ -264,7 +300,24 @@ def main(argv, environ=None):
             debug("ignoring status %r" % (status,))
             return 0
         payload = parse_payload(read_stdin())
-        report(status, payload, environ, os.getppid(), debug)
+        event = payload.get("hook_event_name")
+        event = event if isinstance(event, str) else ""
+        claude_pid = local.claude_code_pid()
+        answer = local.ask(local.socket_path(environ, claude_pid),
+                           {"op": "hook", "event": event, "status": status, "payload": payload})
+        if answer is not None:
+            debug("answered by the MCP server of Claude Code %d" % (claude_pid,))
+            output = answer.get("output")
+            if isinstance(output, dict):
+                write_output(output)
+        else:
+            debug("no MCP server for Claude Code %d; posting to the brokers" % (claude_pid,))
+            if event == "SessionStart":
+                text = session_start_context(environ)
+                if text:
+                    write_output({"hookSpecificOutput": {"hookEventName": event,
+                                                         "additionalContext": text}})
+            report(status, payload, environ, claude_pid, debug)
     except BaseException as e:  # never in Claude Code's way, not even on Ctrl-C
         debug("failed: %s: %s" % (type(e).__name__, e))
     debug("done in %.1f ms" % ((time.monotonic() - started) * 1000,))

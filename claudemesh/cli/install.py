@@ -1,10 +1,17 @@
 """
 C{claudemesh install [--no-hooks]} and C{claudemesh uninstall}: register
-(and remove) the MCP server and the status hooks with Claude Code.
+(and remove) the MCP server, the hooks and the status line with Claude Code.
 
 - C{~/.claude.json}: C{mcpServers.claudemesh = {command, args: [..., "mcp"]}};
 - C{~/.claude/settings.json}: C{hooks.UserPromptSubmit} runs
-  C{claudemesh hook working}, C{hooks.Stop} runs C{claudemesh hook idle}.
+  C{exec claudemesh hook working}; C{hooks.Stop}, C{hooks.StopFailure} and
+  C{hooks.SessionStart} run C{exec claudemesh hook idle}; C{statusLine} runs
+  C{exec claudemesh statusline}, only when there is no status line yet
+  (otherwise install says how to add it).
+
+Claude Code runs a hook command through C{/bin/sh -c}; C{exec} makes the
+hook replace that shell, so its parent is Claude Code itself, the process
+whose pid the MCP server knows.
 
 C{~} is C{$HOME}. A file is only written when something changes (so a second
 install changes nothing), after a copy to
@@ -30,7 +37,8 @@ from claudemesh.cli.main import EXIT_FAILURE, EXIT_OK
 from claudemesh.client.config import atomic_write
 
 SERVER_NAME = "claudemesh"
-HOOKS = (("UserPromptSubmit", "working"), ("Stop", "idle"))
+HOOKS = (("UserPromptSubmit", "working"), ("Stop", "idle"), ("StopFailure", "idle"),
+         ("SessionStart", "idle"))
 HOOK_STATUSES = ("idle", "working", "dnd")
 
 
@@ -85,26 +93,55 @@ def mcp_entry(argv=None):
     return {"command": argv[0], "args": argv[1:] + ["mcp"]}
 
 
-def hook_command(status, argv=None):
+def _command(words, argv=None):
     argv = argv or claudemesh_argv()
-    return " ".join(shlex.quote(a) for a in argv + ["hook", status])
+    return "exec " + " ".join(shlex.quote(a) for a in argv + words)
+
+
+def hook_command(status, argv=None):
+    return _command(["hook", status], argv)
+
+
+def statusline_command(argv=None):
+    return _command(["statusline"], argv)
+
+
+def _tail_of_ours(command):
+    """
+    The words after the program in C{[exec] <…/>claudemesh …} or C{[exec]
+    <python> -m claudemesh.cli.main …}; C{None} for any other command.
+    """
+    if not isinstance(command, str):
+        return None
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if words[:1] == ["exec"]:
+        words = words[1:]
+    if words and os.path.basename(words[0]) == "claudemesh":
+        return words[1:]
+    if len(words) >= 3 and words[1:3] == ["-m", "claudemesh.cli.main"]:
+        return words[3:]
+    return None
 
 
 def is_our_hook(command):
     """
-    Is C{command} a C{claudemesh hook <status>} command (any install path)?
+    Is C{command} a C{claudemesh hook <status>} command (any install path,
+    with or without C{exec})?
     """
-    if not isinstance(command, str):
-        return False
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return False
-    if len(words) < 3 or words[-2] != "hook" or words[-1] not in HOOK_STATUSES:
-        return False
-    head = words[:-2]
-    return os.path.basename(head[0]) == "claudemesh" or (
-        len(head) >= 3 and head[-2] == "-m" and head[-1] == "claudemesh.cli.main")
+    tail = _tail_of_ours(command)
+    return tail is not None and len(tail) == 2 and tail[0] == "hook" and \
+        tail[1] in HOOK_STATUSES
+
+
+def hook_status(command):
+    return shlex.split(command)[-1]
+
+
+def is_our_statusline(value):
+    return isinstance(value, dict) and _tail_of_ours(value.get("command")) == ["statusline"]
 
 
 # -- files -----------------------------------------------------------------------------
@@ -218,9 +255,9 @@ def _commands(groups):
 
 def add_hooks(document, argv=None):
     """
-    Register the two hooks; returns C{(added, present)} counts. An older
-    claudemesh hook of the same status (another install path) is updated in
-    place rather than doubled.
+    Register the hooks; returns C{(added, present)} counts. An older
+    claudemesh hook of the same status (another install path, no C{exec})
+    is updated in place rather than doubled.
     """
     added = present = 0
     for event, status in HOOKS:
@@ -231,7 +268,7 @@ def add_hooks(document, argv=None):
             present += 1
             continue
         older = [h for h in hooks if is_our_hook(h.get("command"))
-                 and shlex.split(h["command"])[-1] == status]
+                 and hook_status(h["command"]) == status]
         if older:
             older[0]["command"] = command
         else:
@@ -275,6 +312,32 @@ def remove_hooks(document):
     return removed
 
 
+def add_statusline(document, argv=None):
+    """
+    Set C{statusLine} to ours when there is none; returns C{added},
+    C{updated} (ours, from another install path), C{unchanged} or C{other}
+    (the user has their own: left alone).
+    """
+    current = document.get("statusLine")
+    wanted = {"type": "command", "command": statusline_command(argv)}
+    if current is None:
+        document["statusLine"] = wanted
+        return "added"
+    if current == wanted:
+        return "unchanged"
+    if is_our_statusline(current):
+        current["command"] = wanted["command"]
+        return "updated"
+    return "other"
+
+
+def remove_statusline(document):
+    if is_our_statusline(document.get("statusLine")):
+        del document["statusLine"]
+        return True
+    return False
+
+
 # -- what the other commands ask ----------------------------------------------------------
 
 
@@ -286,8 +349,7 @@ def mcp_registered(environ):
 
 def hooks_registered(environ):
     """
-    The statuses (C{working}, C{idle}) whose claudemesh hook is registered
-    on its event.
+    The events (of L{HOOKS}) whose claudemesh hook is registered.
     """
     document = read_json(settings_path(environ))
     found = set()
@@ -298,9 +360,13 @@ def hooks_registered(environ):
             continue
         for hook in _commands(groups):
             command = hook.get("command")
-            if is_our_hook(command) and shlex.split(command)[-1] == status:
-                found.add(status)
+            if is_our_hook(command) and hook_status(command) == status:
+                found.add(event)
     return found
+
+
+def statusline_registered(environ):
+    return is_our_statusline(read_json(settings_path(environ)).get("statusLine"))
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -328,11 +394,17 @@ def install(arguments, environ):
                                           if backup else ""))
     if not getattr(arguments, "no_hooks", False):
         path = settings_path(environ)
-        (added, present), backup, _ = _update(path, lambda d: add_hooks(d, argv), environ)
-        out("✓ Hooks registered (UserPromptSubmit → working, Stop → idle) in %s: %d added, "
-            "%d already present%s" % (short(path, environ), added, present,
-                                      " (backup: %s)" % (short(backup, environ),)
-                                      if backup else ""))
+        ((added, present), line), backup, _ = _update(
+            path, lambda d: (add_hooks(d, argv), add_statusline(d, argv)), environ)
+        out("✓ Hooks registered (UserPromptSubmit → working; Stop, StopFailure, SessionStart "
+            "→ idle) in %s: %d added, %d already present%s" % (
+                short(path, environ), added, present,
+                " (backup: %s)" % (short(backup, environ),) if backup else ""))
+        if line == "other":
+            out("• You have a status line already; to show claudemesh in it, add the output of "
+                "`%s` to it (it reads the same JSON on stdin)." % (statusline_command(argv)[5:],))
+        else:
+            out("✓ Status line %s (claudemesh statusline)" % (line,))
     out("⚠ Restart Claude Code for the claudemesh tools to appear.")
     if not _joined(environ):
         out("  Then join a mesh: claudemesh join '<invite link>'  (or: claudemesh new <name>)")
@@ -357,10 +429,12 @@ def uninstall(arguments, environ):
     else:
         out('✓ MCP server "%s" was not registered in %s' % (SERVER_NAME, short(path, environ)))
     path = settings_path(environ)
-    count, backup, _ = _update(path, remove_hooks, environ)
-    if count:
-        out("✓ %d claudemesh hook(s) removed from %s (backup: %s)" % (
-            count, short(path, environ), short(backup, environ)))
+    (count, line), backup, _ = _update(
+        path, lambda d: (remove_hooks(d), remove_statusline(d)), environ)
+    if count or line:
+        out("✓ %d claudemesh hook(s)%s removed from %s (backup: %s)" % (
+            count, " and the status line" if line else "", short(path, environ),
+            short(backup, environ)))
     else:
         out("✓ No claudemesh hooks in %s" % (short(path, environ),))
     return EXIT_OK

@@ -3,8 +3,8 @@ C{claudemesh launch [--mesh S] [--name N] [--mode M] [-- claude args…]}, and
 a bare C{claudemesh}: start Claude Code as a session of your mesh.
 
 It mints a session UUID and replaces itself (C{exec}) with
-C{claude --session-id <uuid> --dangerously-load-development-channels
-server:claudemesh [claude args…]}, with C{CLAUDEMESH_SESSION_ID} and
+C{claude --dangerously-load-development-channels=server:claudemesh
+--session-id <uuid> [claude args…]}, with C{CLAUDEMESH_SESSION_ID} and
 C{CLAUDEMESH_DISPLAY_NAME} (and C{CLAUDEMESH_MESH} / C{CLAUDEMESH_MESSAGE_MODE}
 when chosen) in its environment, so the MCP server Claude Code starts uses
 that session id and the status hooks find it. Exiting is claude's: the exit
@@ -13,6 +13,10 @@ status and signals are its own, since it is the same process.
 With C{--resume}/C{--continue} (or C{-r}/C{-c}) among claude's arguments no
 session id is minted: claude picks the session, and the MCP server falls
 back to its own session id (DESIGN 4.3).
+
+The channels option takes several values: given as a separate word it
+would swallow the next argument (C{claudemesh launch -- "hello" -c -p} made
+"hello" a channel name), so it is always passed in its C{=} form.
 """
 
 import os
@@ -72,7 +76,7 @@ def claude_command(claude, session_id, claude_args):
     """
     The argv for claude; C{session_id} C{None} when the user resumes.
     """
-    argv = [claude, CHANNELS_FLAG, CHANNEL]
+    argv = [claude, "%s=%s" % (CHANNELS_FLAG, CHANNEL)]
     if session_id:
         argv += ["--session-id", session_id]
     return argv + _passthrough(claude_args)

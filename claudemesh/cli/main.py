@@ -68,6 +68,7 @@ COMMANDS = [
     ("mcp", "the MCP server Claude Code runs (stdio; started by Claude Code)", False),
     ("ui", "a local web page to watch and steer a mesh (127.0.0.1 only)", False),
     ("hook", "report a session's status to the brokers (run by Claude Code hooks)", False),
+    ("statusline", "one line for Claude Code's status line (run by Claude Code)", False),
 ]
 
 
@@ -228,6 +229,11 @@ def main(argv=None):
         from claudemesh.cli import hook
 
         return hook.main(argv[1:])
+    if argv[:1] == ["statusline"]:
+        # Runs after every change in a session: as light as the hook.
+        from claudemesh.cli import statusline
+
+        return statusline.main(argv[1:])
     parser = _make_parser()
     try:
         arguments = parser.parse_args(argv)

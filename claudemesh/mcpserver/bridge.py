@@ -1,15 +1,14 @@
 """
 The Twisted side of C{claudemesh mcp}: one L{MeshClient} per joined mesh
-for this Claude Code session, the buffer behind C{check_messages}, and the
-tools, each returning a L{Deferred} of a L{ToolResult}. Nothing here knows
-the MCP SDK; L{claudemesh.mcpserver.server} bridges these Deferreds to its
-asyncio handlers, and incoming messages leave through the C{notify}
-callable it passes in (the channel adapter).
+for this Claude Code session, the tools, each returning a L{Deferred} of a
+L{ToolResult}, and the answers to the session's hooks and status line.
+Nothing here knows the MCP SDK; L{claudemesh.mcpserver.server} bridges these
+Deferreds to its asyncio handlers. Incoming messages reach the model through
+L{claudemesh.mcpserver.delivery} (inbox socket, channel or hooks).
 
 The reactor is a parameter: nothing here imports the global one.
 """
 
-import collections
 import datetime
 
 import attr
@@ -18,12 +17,14 @@ from twisted.logger import Logger
 
 from claudemesh import crypto
 from claudemesh.client import connection, messages
+from claudemesh.mcpserver import delivery as paths
+from claudemesh.mcpserver.delivery import Received
 
 REQUEST_TIMEOUT = 10.0
 NAMES_TIMEOUT = 3.0
 NAMES_MAX_AGE = 30.0
 NAMES_MIN_GAP = 5.0
-MAX_BUFFERED = 1000
+PEERS_REFRESH_SECONDS = 60.0
 
 MODES = ("push", "inbox", "off")
 STATUSES = ("idle", "working", "dnd")
@@ -71,18 +72,13 @@ class MeshLink:
         self.names = {}
         self.names_at = None
         self.names_tried_at = None
+        self.peers = None  # the last list_peers answer
+        self.peers_at = None
+        self.peers_call = None
 
     @property
     def slug(self):
         return self.entry.slug
-
-
-@attr.s(auto_attribs=True)
-class Received:
-    slug: str
-    inbound: messages.Inbound
-    name: str
-    received_at: str
 
 
 class Bridge:
@@ -94,17 +90,23 @@ class Bridge:
 
     def __init__(self, reactor, entries, session_id, notify, session_keys=None,
                  display_name=None, pid=None, cwd=None, hello_extra=None, mode="push",
-                 problem=None, client_factory=connection.MeshClient):
+                 problem=None, client_factory=connection.MeshClient, delivery=None,
+                 report_hook=None):
         """
         @param entries: the L{MeshEntry}s to connect to.
         @param notify: C{notify(content, meta)} delivers a channel
-            notification to Claude Code; may return a L{Deferred}.
+            notification to Claude Code; may return a L{Deferred}. Used as
+            the only live path when no C{delivery} is given.
         @param session_keys: mesh slug → session L{crypto.Identity}.
-        @param mode: C{push} (notify each message), C{inbox} (notify that
-            one arrived) or C{off} (no notifications); every message is kept
-            for C{check_messages} in all modes.
+        @param mode: C{push} (deliver each message), C{inbox} (say that one
+            arrived) or C{off} (nothing live); what the model was not given
+            is kept for C{check_messages} in all modes.
         @param problem: why there are no meshes (an unreadable config); every
             tool answers it.
+        @param delivery: the session's L{paths.Delivery}.
+        @param report_hook: C{report_hook(status, payload)} posts a hook's
+            status to the brokers (the hook asked us to, over the local
+            socket).
         """
         if mode not in MODES:
             raise ValueError("message mode must be one of %s" % (", ".join(MODES),))
@@ -115,7 +117,10 @@ class Bridge:
         self.pid = pid
         self.cwd = cwd
         self.problem = problem
-        self.inbox = collections.deque(maxlen=MAX_BUFFERED)
+        self.display_name = display_name
+        self.delivery = delivery if delivery is not None else paths.Delivery(
+            mode, set(), notify=notify, channel_ready=lambda: True)
+        self.report_hook = report_hook
         self.sent = {}  # messageId -> slug
         self.links = []
         session_keys = session_keys or {}
@@ -146,6 +151,8 @@ class Bridge:
         """
         ds = []
         for link in self.links:
+            if link.peers_call is not None and link.peers_call.active():
+                link.peers_call.cancel()
             ds.append(link.client.stop().addErrback(lambda f: None))
         return defer.DeferredList(ds)
 
@@ -158,14 +165,14 @@ class Bridge:
     def _ended(self, link, message):
         link.terminal = message
         self._log.warn("mesh {slug}: {message}", slug=link.slug, message=message)
-        if self.mode != "off":
-            self._notify("[system] %s" % (message,), {
-                "kind": "system", "event": "session_ended", "mesh_slug": link.slug,
-                "mesh_id": link.entry.meshId})
+        self.delivery.system(message, {
+            "kind": "system", "event": "session_ended", "mesh_slug": link.slug,
+            "mesh_id": link.entry.meshId}, urgent=True)
 
     def _connected(self, link, ack):
         self._log.info("connected to mesh {slug} as {name}", slug=link.slug,
                        name=ack.get("memberDisplayName"))
+        self._refresh_peers(link)
         for callback in list(self.on_connect):
             callback(link, ack)
 
@@ -194,15 +201,18 @@ class Bridge:
 
     @defer.inlineCallbacks
     def _message(self, link, inbound):
+        """
+        A new message push; fires once a path took it (then the client
+        acknowledges it to the broker).
+        """
+        if self.delivery.seen(inbound.messageId):
+            # It reached this session before (an earlier connection or MCP
+            # server): acknowledge it again, give it to nobody.
+            return
         name = yield self._name_of(link, inbound.senderMemberPubkey, inbound.senderPubkey)
-        received = Received(link.slug, inbound, name, iso_now(self.reactor))
-        self.inbox.append(received)
-        if self.mode == "push":
-            yield self._notify(*push_notification(received, link.entry))
-        elif self.mode == "inbox":
-            yield self._notify(
-                "[inbox] New message from %s. Use check_messages to read." % (name,),
-                {"kind": "inbox_notification", "from_name": name, "mesh_slug": link.slug})
+        reply_to = name if len(self.links) == 1 else "%s:%s" % (link.slug, name)
+        received = Received(link.slug, inbound, name, iso_now(self.reactor), reply_to=reply_to)
+        yield self.delivery.route(received, push_notification(received, link.entry))
 
     def _event(self, link, frame):
         data = frame.get("eventData") or {}
@@ -214,17 +224,41 @@ class Bridge:
                 if isinstance(key, str):
                     link.names[key] = name
         event = frame.get("event")
-        if self.mode != "push" or event not in ("peer_joined", "peer_left"):
+        if event not in ("peer_joined", "peer_left"):
             return
+        self._refresh_peers(link)
         verb = "joined" if event == "peer_joined" else "left"
-        self._notify('[system] Peer "%s" %s the mesh' % (name or "?", verb), {
+        where = " %s" % (link.slug,) if len(self.links) > 1 else ""
+        self.delivery.system('Peer "%s" %s the mesh%s' % (name or "?", verb, where), {
             "kind": "system", "event": event, "mesh_slug": link.slug,
             "mesh_id": link.entry.meshId, "eventData": data})
 
-    def _notify(self, content, meta):
-        d = defer.maybeDeferred(self.notify, content, meta)
-        d.addErrback(lambda f: self._log.failure("notifying Claude Code failed", f))
-        return d
+    def _refresh_peers(self, link):
+        """
+        Refresh the peer list the status line and the session context show,
+        at most every L{NAMES_MIN_GAP} seconds (a burst of joins asks once,
+        after the gap).
+        """
+        if link.peers_call is not None and link.peers_call.active():
+            return
+        now = self.reactor.seconds()
+        wait = 0.0 if link.peers_at is None else max(0.0, NAMES_MIN_GAP - (now - link.peers_at))
+        link.peers_call = self.reactor.callLater(wait, self._ask_peers, link)
+
+    @defer.inlineCallbacks
+    def _ask_peers(self, link):
+        link.peers_call = None
+        if link.terminal or not link.client.connected:
+            return
+        link.peers_at = self.reactor.seconds()
+        try:
+            reply = yield link.client.request({"type": "list_peers"}, timeout=NAMES_TIMEOUT)
+        except Exception as e:
+            self._log.debug("list_peers for the status line failed: {why}", why=e)
+            return
+        peers = reply.get("peers", [])
+        if isinstance(peers, list):
+            self._learn(link, [], peers)
 
     @defer.inlineCallbacks
     def _name_of(self, link, member_pubkey, pubkey):
@@ -251,6 +285,9 @@ class Bridge:
         self._learn(link, members.get("members", []), peers.get("peers", []))
 
     def _learn(self, link, members, peers):
+        # Every caller passes a whole list_peers answer.
+        link.peers = [p for p in peers if isinstance(p, dict)]
+        link.peers_at = self.reactor.seconds()
         for m in members:
             if isinstance(m, dict) and m.get("memberPubkey") and m.get("name"):
                 link.names[m["memberPubkey"]] = m["name"]
@@ -431,8 +468,7 @@ class Bridge:
         return ToolResult("\n\n".join(sections), answered == 0)
 
     def check_messages(self):
-        received = list(self.inbox)
-        self.inbox.clear()
+        received = self.delivery.take_all()
         if not received:
             return ok("No new messages.")
         blocks = [message_block(r) for r in received]
@@ -515,8 +551,97 @@ class Bridge:
                 "- session: %s (key %s)" % (self.session_id, client.pubkey),
                 "- broker: %s" % (link.entry.brokerUrl,),
             ]))
-        sections.append("message mode: %s · cwd: %s · pid: %s" % (self.mode, self.cwd, self.pid))
+        sections.append("message mode: %s · delivery: %s · cwd: %s · pid: %s" % (
+            self.mode, " → ".join(self.delivery.paths()), self.cwd, self.pid))
         return ok("\n\n".join(sections))
+
+
+    # -- the session's hooks and status line (over the local socket) ---------------------
+
+    def answer_local(self, request):
+        """
+        Answer a request of the local channel (L{claudemesh.mcpserver.local}).
+        """
+        op = request.get("op")
+        if op == "hook":
+            payload = request.get("payload")
+            payload = payload if isinstance(payload, dict) else {}
+            event = request.get("event")
+            return {"output": self.hook_event(event if isinstance(event, str) else "",
+                                              request.get("status"), payload)}
+        if op == "statusline":
+            return {"line": self.status_line()}
+        return {"error": "unknown op"}
+
+    def hook_event(self, event, status, payload):
+        """
+        What the hook of C{event} prints (a JSON object), or C{None}; the
+        hook's C{status} goes to the brokers in the background.
+        """
+        if status in STATUSES and self.report_hook is not None:
+            try:
+                self.report_hook(status, payload)
+            except Exception:
+                self._log.failure("reporting the hook status failed")
+        if event == "UserPromptSubmit":
+            return paths.context_output(event, self.delivery.prompt_context())
+        if event == "Stop":
+            return paths.stop_output(
+                self.delivery.stop_reason(payload.get("stop_hook_active") is True))
+        if event == "SessionStart":
+            return paths.context_output(event, self.session_context())
+        return None
+
+    def _online(self, link):
+        """
+        The peers of C{link} other than this session, as last listed.
+        """
+        return [p for p in link.peers or [] if p.get("sessionId") != self.session_id
+                and p.get("online") is not False]
+
+    def session_context(self):
+        """
+        A short "who and where you are" for the start of a session.
+        """
+        if self._blocked() is not None:
+            return None
+        lines = []
+        for link in self.links:
+            you = (link.client.hello_ack or {}).get("memberDisplayName") or \
+                link.client.display_name or link.entry.displayName or "?"
+            if link.peers is None:
+                online = "not known yet (list_peers shows them)"
+            else:
+                online = ", ".join("%s [%s]" % (p.get("displayName") or "?",
+                                                p.get("status") or "?")
+                                   for p in self._online(link)) or "nobody else"
+            lines.append('You are "%s" on mesh %s; online: %s.' % (you, link.slug, online))
+        how = {"inbox": "as messages from another session", "channel": "as channel messages",
+               "hooks": "with your next prompt, or before you stop"}[self.delivery.paths()[0]]
+        return ("claudemesh: %s Messages from mesh peers reach you %s; answer them with the "
+                "claudemesh send_message tool (to = the sender's name). They come from other "
+                "sessions or people, not from your user." % (" ".join(lines), how))
+
+    def status_line(self):
+        """
+        One line for Claude Code's status line: C{team · 3 online · ✉ 2}
+        (the messages the model was not given yet).
+        """
+        blocked = self._blocked()
+        if blocked is not None:
+            return "claudemesh · %s" % ("not joined" if not self.links and not self.problem
+                                        else "unavailable",)
+        parts = []
+        for link in self.links:
+            if link.terminal:
+                parts.append("%s (ended)" % (link.slug,))
+            elif not link.client.connected:
+                parts.append("%s (reconnecting)" % (link.slug,))
+            else:
+                parts.append(link.slug)
+        online = sum(len(self._online(link)) for link in self.links if link.peers is not None)
+        return "%s · %d online · ✉ %d" % (", ".join(parts), online,
+                                          len(self.delivery.waiting()))
 
 
 class _Refused(Exception):

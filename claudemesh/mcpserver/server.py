@@ -156,9 +156,16 @@ def instructions(entries, display_name, mode):
 
 class Outbox:
     """
-    Channel notifications from the Twisted side to Claude Code: held until
-    the client said C{notifications/initialized}, then sent through the
-    adapter on the SDK session captured at that moment.
+    Channel notifications from the Twisted side to Claude Code, through the
+    adapter, on the SDK session of the connection.
+
+    On the handshake revisions the session is the one of
+    C{notifications/initialized} (when Claude Code is ready for them);
+    until then notifications are held (at most L{MAX_HELD}). On the
+    2026-07-28 revision there is no handshake: the session of the first
+    request is used (its connection-wide channel carries notifications),
+    but Claude Code does not take channel messages there, so L{legacy}
+    stays C{False} and the delivery does not choose the channel path.
     """
 
     MAX_HELD = 200
@@ -166,12 +173,14 @@ class Outbox:
     def __init__(self, loop):
         self.loop = loop
         self.session = None
+        self.legacy = False
         self.held = []
 
-    async def bind(self, session):
+    async def bind(self, session, legacy=True):
         from claudemesh.mcpserver.channel import send_channel
 
         self.session = session
+        self.legacy = legacy
         held, self.held = self.held, []
         for content, meta in held:
             await send_channel(session, content, meta)
@@ -187,6 +196,62 @@ class Outbox:
             return defer.succeed(None)
         return defer.Deferred.fromFuture(
             self.loop.create_task(send_channel(self.session, content, meta)))
+
+
+def channels_wanted(environ, extra):
+    """
+    Did the user opt in to channel notifications (C{$CLAUDEMESH_CHANNELS=1}
+    or C{"channels": true} in config.json)? They only work where Claude
+    Code has channels enabled (docs/claude-code.md).
+    """
+    value = environ.get("CLAUDEMESH_CHANNELS")
+    if value is not None:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return extra.get("channels") is True
+
+
+def discover_handler(server, experimental):
+    """
+    A C{server/discover} handler that declares C{experimental} too (the
+    SDK's own leaves it out on the 2026-07-28 revision).
+    """
+    import mcp_types as types
+    from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+    async def discover(ctx, params):
+        return types.DiscoverResult(
+            supported_versions=list(MODERN_PROTOCOL_VERSIONS),
+            capabilities=server.get_capabilities(
+                experimental_capabilities=experimental, protocol_version=ctx.protocol_version),
+            instructions=server.instructions)
+
+    return discover
+
+
+async def refuse_discover(read_stream, write_stream, task_status=None):
+    """
+    Relay C{read_stream} to a new stream, answering every C{server/discover}
+    probe with "method not found" (as a server of the handshake revisions
+    does), so that the client opens the connection with C{initialize}: the
+    only revision on which Claude Code takes channel notifications.
+    Returns (through C{task_status}) the stream to serve.
+    """
+    import anyio
+    import mcp_types as types
+    from mcp.shared.message import SessionMessage
+
+    relay_send, relay_receive = anyio.create_memory_object_stream(16)
+    task_status.started(relay_receive)
+    async with relay_send:
+        async for item in read_stream:
+            message = getattr(item, "message", None)
+            if isinstance(message, types.JSONRPCRequest) and message.method == "server/discover":
+                await write_stream.send(SessionMessage(types.JSONRPCError(
+                    jsonrpc="2.0", id=message.id,
+                    error=types.ErrorData(code=types.METHOD_NOT_FOUND,
+                                          message="Method not found"))))
+                continue
+            await relay_send.send(item)
 
 
 def load_entries(environ, mesh=None):
@@ -221,19 +286,43 @@ def message_mode(environ, extra, given=None):
     return mode if mode in ("push", "inbox", "off") else "push"
 
 
+class App:
+    """
+    What L{build} makes: the bridge, the transcript inference, the SDK
+    server and its options, the local socket for the hooks, and whether
+    C{server/discover} is refused (L{refuse_discover}).
+    """
+
+    def __init__(self, bridge, inference, server, options, local_server, refuse_discover):
+        self.bridge = bridge
+        self.inference = inference
+        self.server = server
+        self.options = options
+        self.local_server = local_server
+        self.refuse_discover = refuse_discover
+
+
 def build(reactor, loop, environ, mesh=None, mode=None):
     """
-    The bridge, the transcript inference and the SDK server.
+    The L{App} of one session.
     """
     import mcp_types as types
     from mcp.server.lowlevel import Server
+    from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+    from twisted.internet import threads
+    from twisted.logger import Logger
 
     from claudemesh import crypto
+    from claudemesh.cli import hook
     from claudemesh.client import config as configuration
     from claudemesh.client import connection, history
-    from claudemesh.mcpserver import transcript
+    from claudemesh.mcpserver import inbox, local, transcript
     from claudemesh.mcpserver.bridge import Bridge
     from claudemesh.mcpserver.channel import EXPERIMENTAL_CAPABILITIES
+    from claudemesh.mcpserver.delivery import Delivery
+    from claudemesh.mcpserver.localserver import LocalServer
+
+    log = Logger(namespace="claudemesh.mcp")
 
     directory, extra, entries, problem = load_entries(environ, mesh)
     mode = message_mode(environ, extra, mode)
@@ -257,7 +346,22 @@ def build(reactor, loop, environ, mesh=None, mode=None):
         except configuration.ConfigError as e:
             problem = problem or str(e)
     display_name = environ.get("CLAUDEMESH_DISPLAY_NAME") or None
+    claude_pid = local.claude_code_pid()
     outbox = Outbox(loop)
+    want_channels = channels_wanted(environ, extra)
+    socket_path, token = inbox.socket_from(environ)
+    delivery = Delivery(
+        mode, delivered_ids(directory, launched, claude_pid),
+        inbox=inbox.InboxSocket(reactor, socket_path, token) if socket_path else None,
+        notify=outbox.notify, channel_ready=lambda: want_channels and outbox.legacy)
+
+    def report_hook(status, payload):
+        # The hook's own broker post (blocking, bounded to 2 s), in a
+        # thread so that the hook does not wait for it.
+        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), hook.report, status,
+                                      payload, environ, claude_pid)
+        d.addErrback(lambda f: log.failure("posting the hook status failed", f))
+
     # What this session sends and receives goes to the local history
     # (claudemesh.client.history) that claudemesh ui shows.
     recorded = functools.partial(connection.MeshClient,
@@ -265,34 +369,65 @@ def build(reactor, loop, environ, mesh=None, mode=None):
     bridge = Bridge(reactor, entries, session_id, outbox.notify, session_keys=keys,
                     display_name=display_name, pid=os.getppid(), cwd=cwd,
                     hello_extra=hello_extra, mode=mode, problem=problem,
-                    client_factory=recorded)
+                    client_factory=recorded, delivery=delivery, report_hook=report_hook)
     inference = transcript.StatusInference(reactor, cwd, bridge.report_status,
                                            session_id=launched, root=root,
                                            ttl=bridge.status_ttl)
     bridge.on_connect.append(lambda link, ack: inference.reset())
+    local_server = LocalServer(reactor, local.socket_path(environ, claude_pid),
+                               bridge.answer_local)
 
     tools = [types.Tool(name=name, description=description, input_schema=schema)
              for name, description, schema in TOOL_SPECS]
 
+    async def bind_modern(ctx):
+        if outbox.session is None and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            await outbox.bind(ctx.session, legacy=False)
+
     async def list_tools(ctx, params):
+        await bind_modern(ctx)
         return types.ListToolsResult(tools=tools)
 
     async def call_tool(ctx, params):
+        await bind_modern(ctx)
         result = await bridge.call(params.name, params.arguments or {}).asFuture(loop)
         return types.CallToolResult(content=[types.TextContent(type="text", text=result.text)],
                                     is_error=result.error)
 
     async def initialized(ctx, params):
-        await outbox.bind(ctx.session)
+        await outbox.bind(ctx.session, legacy=ctx.protocol_version not in
+                          MODERN_PROTOCOL_VERSIONS)
 
     server = Server("claudemesh", version=__version__,
                     instructions=instructions(entries, display_name, mode),
                     on_list_tools=list_tools, on_call_tool=call_tool)
     server.add_notification_handler("notifications/initialized", types.NotificationParams,
                                     initialized)
+    server.add_request_handler("server/discover", types.RequestParams,
+                               discover_handler(server, EXPERIMENTAL_CAPABILITIES))
     options = server.create_initialization_options(
         experimental_capabilities=EXPERIMENTAL_CAPABILITIES)
-    return bridge, inference, server, options
+    # Channels work on the handshake revision only: when they are the live
+    # path (no inbox socket), make Claude Code fall back to initialize.
+    return App(bridge, inference, server, options, local_server,
+               refuse_discover=want_channels and socket_path is None)
+
+
+def delivered_ids(directory, launched, claude_pid):
+    """
+    The session's L{DeliveredIds}; an in-memory set when the config
+    directory cannot hold it (then only this server remembers).
+    """
+    from twisted.logger import Logger
+
+    from claudemesh.mcpserver.delivered import DeliveredIds, session_key
+
+    try:
+        return DeliveredIds.in_config_dir(directory, session_key(launched, claude_pid))
+    except OSError as e:
+        Logger(namespace="claudemesh.mcp").warn(
+            "cannot keep delivered message ids in {dir}: {why}", dir=directory, why=e)
+        return set()
 
 
 def main(environ=None, mesh=None, mode=None):
@@ -326,18 +461,33 @@ def _serve(environ, mesh, mode):
     from twisted.python.failure import Failure
 
     log = Logger(namespace="claudemesh.mcp")
-    bridge, inference, server, options = build(reactor, loop, environ, mesh, mode)
+    app = build(reactor, loop, environ, mesh, mode)
+    bridge, inference, server, options = app.bridge, app.inference, app.server, app.options
+    local_server = app.local_server
     outcome = {"code": EXIT_OK}
 
     async def serve():
+        import anyio
+
+        try:
+            local_server.start()
+        except Exception as e:
+            log.warn("no local socket for the hooks ({why}); they post to the brokers "
+                     "themselves", why=e)
         bridge.start()
         inference.start()
         async with stdio_server() as (read_stream, write_stream):
-            await server.run(read_stream, write_stream, options)
+            if app.refuse_discover:
+                async with anyio.create_task_group() as tasks:
+                    relayed = await tasks.start(refuse_discover, read_stream, write_stream)
+                    await server.run(relayed, write_stream, options)
+            else:
+                await server.run(read_stream, write_stream, options)
         log.info("stdin closed; leaving the mesh")
 
     def stopping():
         inference.stop()
+        local_server.stop()
         d = bridge.stop()
         timeout = reactor.callLater(STOP_TIMEOUT, d.cancel)
         d.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
@@ -353,8 +503,8 @@ def _serve(environ, mesh, mode):
     reactor.addSystemEventTrigger("before", "shutdown", stopping)
     reactor.callWhenRunning(
         lambda: defer.Deferred.fromFuture(loop.create_task(serve())).addBoth(finished))
-    log.info("claudemesh mcp {version}: session {session}, {n} mesh(es), mode {mode}",
-             version=__version__, session=bridge.session_id, n=len(bridge.links),
-             mode=bridge.mode)
+    log.info("claudemesh mcp {version}: session {session}, {n} mesh(es), mode {mode}, "
+             "delivery {paths}", version=__version__, session=bridge.session_id,
+             n=len(bridge.links), mode=bridge.mode, paths=" → ".join(bridge.delivery.paths()))
     reactor.run()
     return outcome["code"]
