@@ -70,7 +70,7 @@ class RevisionTests(SynchronousTestCase):
         self.assertIn("send_message", tools)
 
     def test_channels_make_the_client_fall_back(self):
-        """Channels opted in and no inbox socket: discover is refused, the client uses initialize."""
+        """Channels opted in, no inbox socket: discover is refused, the client uses initialize."""
         version, experimental, _ = self.connect("auto", CLAUDEMESH_CHANNELS="1")
         self.assertNotEqual(version, MODERN)
         self.assertEqual(experimental, {"claude/channel": {}})
