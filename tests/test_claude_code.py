@@ -236,7 +236,7 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
         self.report_channel_handshake()
 
     def test_hooks_without_the_inbox_socket(self):
-        """Without the socket, UserPromptSubmit delivers on the next prompt, Stop before stopping."""
+        """Without the socket, UserPromptSubmit delivers on the next prompt, Stop before the end."""
         self.without_inbox_socket()
         self.launch()
 
