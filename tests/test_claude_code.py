@@ -88,11 +88,16 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
     def alice_env(self, **extra):
         path = os.pathsep.join([os.path.dirname(self.claude),
                                 os.path.dirname(claudemesh_command()[0]), "/usr/bin", "/bin"])
-        return self.env("alice", PATH=path, TERM="xterm-256color", LANG="C.UTF-8",
-                        ANTHROPIC_BASE_URL=self.api.url, ANTHROPIC_API_KEY=KEY,
-                        DISABLE_AUTOUPDATER="1", DISABLE_TELEMETRY="1",
-                        DISABLE_ERROR_REPORTING="1",
-                        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", **extra)
+        env = self.env("alice", PATH=path, TERM="xterm-256color", LANG="C.UTF-8")
+        # Nothing of a Claude Code or API set-up of the machine running the
+        # test may leak in (another provider, a real key, a session's inbox).
+        for key in list(env):
+            if key.startswith(("ANTHROPIC_", "CLAUDE_", "AWS_", "GOOGLE_", "VERTEX_")):
+                del env[key]
+        env.update(ANTHROPIC_BASE_URL=self.api.url, ANTHROPIC_API_KEY=KEY,
+                   DISABLE_AUTOUPDATER="1", DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1",
+                   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", **extra)
+        return env
 
     def without_inbox_socket(self):
         """
