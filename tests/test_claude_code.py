@@ -10,7 +10,7 @@ What is asserted is what a user of the mesh sees: a message to an idle
 session starts a model request by itself; a C{now} message to a busy
 session reaches the model in that turn or right after it; a C{send_message}
 tool call the model makes reaches the peer; no message reaches the model
-twice; and with the inbox socket taken away from the MCP server, the hooks
+twice; the status line shows the mesh; and with the inbox socket taken away from the MCP server, the hooks
 deliver on the next prompt and when a turn ends.
 
 Skipped, saying why, where npm is missing (CI installs Node and npm). Every
@@ -203,6 +203,11 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
         self.report("the model saw: %r" % (text[text.find("Another"):][:160],))
         self.assertIn("Message from owner on mesh team", text)
         self.assertIn('to="owner"', text)
+        # The status line (installed by claudemesh install) shows the mesh
+        # from the MCP server's state: the peer online, nothing waiting.
+        self.assertTrue(self.terminal.wait_for_text("1 online · ✉ 0", timeout=TIMEOUT),
+                        self.terminal.screen_text()[-1500:])
+        self.report("status line on screen: '… 1 online · ✉ 0'")
 
         # 2. The model answers with a send_message tool call: it reaches the
         # peer (round trip).
@@ -261,7 +266,7 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
         # A `now` message during a turn: the Stop hook makes Claude go on
         # with it before it stops.
         self.api.script("marker-stop-turn", claudecode.Answer(
-            "thinking " + "more " * 20, seconds=6))
+            "thinking " + "more " * 20, seconds=8))
         self.terminal.type("marker-stop-turn: take your time")
         busy = self.wait_request("marker-stop-turn")
         self.send("marker-hook-2: read this before you stop", priority="now")

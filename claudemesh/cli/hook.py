@@ -31,7 +31,6 @@ of its own; no Twisted, Autobahn or MCP SDK.
 import json
 import os
 import sys
-import threading
 import time
 
 from claudemesh.mcpserver import local
@@ -232,6 +231,8 @@ def report(status, payload, environ, pid, debug=None):
     Post C{status} to every joined mesh, in parallel, bounded in time.
     Returns C{[(meshId, outcome)]} (for debugging and tests).
     """
+    import threading
+
     debug = debug or (lambda text: None)
     meshes = joined_meshes(environ)
     if not meshes:
