@@ -10,8 +10,9 @@ What is asserted is what a user of the mesh sees: a message to an idle
 session starts a model request by itself; a C{now} message to a busy
 session reaches the model in that turn or right after it; a C{send_message}
 tool call the model makes reaches the peer; no message reaches the model
-twice; the status line shows the mesh; and with the inbox socket taken away from the MCP server, the hooks
-deliver on the next prompt and when a turn ends.
+twice; the status line shows the mesh; and with the inbox socket taken away
+from the MCP server, the hooks deliver on the next prompt and when a turn
+ends.
 
 Skipped, saying why, where npm is missing (CI installs Node and npm). Every
 process (Claude Code and its MCP server, the broker, the peer) is stopped
