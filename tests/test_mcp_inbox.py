@@ -140,6 +140,35 @@ class InboxSocketTests(SynchronousTestCase):
         self.assertEqual(inbox.socket_from({"CLAUDE_CODE_MESSAGING_TOKEN": "t"}), (None, None))
 
 
+class CrossSessionInboundTests(SynchronousTestCase):
+    """
+    Claude Code's crossSessionInbound setting, read as the session reads it.
+    """
+
+    def write(self, path, document):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(document if isinstance(document, str) else json.dumps(document))
+
+    def test_precedence(self):
+        """The project's local settings beat the project's, which beat the user's; unset is None."""
+        root = os.path.abspath(self.mktemp())
+        home, cwd = os.path.join(root, "home"), os.path.join(root, "work")
+        self.patch(inbox, "MANAGED_SETTINGS", os.path.join(root, "managed.json"))
+        environ = {"HOME": home}
+        self.assertIsNone(inbox.cross_session_inbound(environ, cwd))
+        self.write(os.path.join(home, ".claude", "settings.json"), {"crossSessionInbound": "hold"})
+        self.assertEqual(inbox.cross_session_inbound(environ, cwd), "hold")
+        self.write(os.path.join(cwd, ".claude", "settings.json"), {"crossSessionInbound": "refuse"})
+        self.assertEqual(inbox.cross_session_inbound(environ, cwd), "refuse")
+        self.write(os.path.join(cwd, ".claude", "settings.local.json"), "{broken")
+        self.assertEqual(inbox.cross_session_inbound(environ, cwd), "refuse")
+        self.write(os.path.join(root, "managed.json"), {"crossSessionInbound": "accept"})
+        self.assertEqual(inbox.cross_session_inbound(environ, cwd), "accept")
+        self.write(os.path.join(root, "managed.json"), {"crossSessionInbound": 7})
+        self.assertEqual(inbox.cross_session_inbound(environ, cwd), "refuse")
+
+
 class DeliveredIdsTests(SynchronousTestCase):
     """
     The on-disk memory of delivered ids: kept across instances, bounded,
@@ -170,6 +199,13 @@ class DeliveredIdsTests(SynchronousTestCase):
         reread = delivered.DeliveredIds(os.path.join(self.dir, "x.json"), limit=3)
         self.assertEqual(len(reread), 3)
         self.assertIn("m-4", reread)
+
+    def test_memory_only(self):
+        """Without a path (the config directory is unusable) it remembers in memory, bounded."""
+        ids = delivered.DeliveredIds(None, limit=2)
+        for n in range(3):
+            ids.add("m-%d" % (n,))
+        self.assertEqual((len(ids), "m-0" in ids, "m-2" in ids), (2, False, True))
 
     def test_corrupt_file_is_empty(self):
         """A file that is not a JSON list of strings reads as empty, never crashes."""
@@ -401,6 +437,17 @@ class DeliveryPathTests(SynchronousTestCase):
         self.assertIn("2 message(s)", first)
         second = self.hook(b, "UserPromptSubmit")["hookSpecificOutput"]["additionalContext"]
         self.assertIn("1 message(s)", second)
+
+    def test_waiting_is_bounded(self):
+        """Messages nobody takes (off mode) are kept up to MAX_WAITING, the oldest dropped."""
+        self.patch(delivery, "MAX_WAITING", 3)
+        b = self.make(mode="off")
+        for n in range(5):
+            self.push(b, text="m%d" % (n,), message_id="m-%d" % (n,))
+        text = self.successResultOf(b.call("check_messages", {})).text
+        self.assertTrue(text.startswith("3 new message(s)"), text)
+        self.assertNotIn("m1", text)
+        self.assertIn("m4", text)
 
     def test_bad_local_requests(self):
         """Unknown ops and odd payloads get an answer, never an exception."""

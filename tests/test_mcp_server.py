@@ -406,6 +406,21 @@ class DeliveryPathsAgainstBrokerTests(BrokerProcessMixin, SynchronousTestCase):
                       what="acknowledged")
         self.assertEqual(len(inbox.received), 1)
 
+    def test_refused_inbox_uses_the_hooks(self):
+        """With crossSessionInbound 'refuse' the socket is left alone; the next prompt delivers."""
+        inbox = UnixSocketServer(os.path.join(self.tmp, "inbox.sock"))
+        self.addCleanup(inbox.close)
+        settings = os.path.join(self.tmp, "alice", "home", ".claude", "settings.json")
+        os.makedirs(os.path.dirname(settings), exist_ok=True)
+        with open(settings, "w") as f:
+            json.dump({"crossSessionInbound": "refuse"}, f)
+        self.start_alice(CLAUDE_CODE_MESSAGING_SOCKET=inbox.path)
+        self.owner.call("send_message", to="alice", message="not through the inbox")
+        self.wait_for(lambda: "✉ 1" in self.cm("alice", "statusline")[1], what="pending")
+        output = self.hook("working", "UserPromptSubmit", prompt="hi")
+        self.assertIn("not through the inbox", output["hookSpecificOutput"]["additionalContext"])
+        self.assertEqual(inbox.received, [])
+
     def test_hooks_when_the_socket_is_gone(self):
         """A socket nobody listens on: the next prompt's hook delivers, once; Stop blocks once."""
         self.start_alice(CLAUDE_CODE_MESSAGING_SOCKET=os.path.join(self.tmp, "gone.sock"))

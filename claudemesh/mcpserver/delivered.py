@@ -43,7 +43,8 @@ def session_key(session_id=None, claude_pid=None, proc="/proc"):
 
 class DeliveredIds:
     """
-    A bounded, persistent set of message ids, oldest forgotten first.
+    A bounded, persistent set of message ids, oldest forgotten first; only
+    in memory when C{path} is C{None}.
     """
 
     def __init__(self, path, limit=LIMIT):
@@ -66,6 +67,8 @@ class DeliveredIds:
         return cls(os.path.join(directory, key + ".json"), limit)
 
     def _read(self):
+        if self.path is None:
+            return []
         try:
             with open(self.path, "rb") as f:
                 document = json.loads(f.read().decode("utf-8"))
@@ -94,6 +97,8 @@ class DeliveredIds:
             return
         self._ids[message_id] = None
         self._trim()
+        if self.path is None:
+            return
         data = json.dumps(list(self._ids), separators=(",", ":")).encode("utf-8")
         atomic_write(self.path, data, 0o600)
 

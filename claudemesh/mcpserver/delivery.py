@@ -43,6 +43,8 @@ DELIVERED = "delivered"
 # already a lot for the model to read before the user's prompt.
 MAX_HOOK_CHARS = 20_000
 MAX_EVENTS = 20
+# Messages kept for the hooks and check_messages (the oldest go first).
+MAX_WAITING = 1000
 HOOK_CUT_NOTE = "\n[claudemesh: cut here, %d of %d characters; check_messages returns it whole.]"
 
 
@@ -148,7 +150,7 @@ class Delivery:
         self.inbox = inbox
         self.notify = notify
         self.channel_ready = channel_ready
-        self.received = collections.deque()
+        self.received = collections.deque(maxlen=MAX_WAITING)
         self.events = collections.deque(maxlen=MAX_EVENTS)
         self.last_path = None
 

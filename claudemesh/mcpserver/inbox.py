@@ -27,12 +27,14 @@ The reactor is a parameter; nothing here imports the global one.
 """
 
 import json
+import os
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.python.failure import Failure
 
 SOCKET_VARIABLE = "CLAUDE_CODE_MESSAGING_SOCKET"
+MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
 TOKEN_VARIABLE = "CLAUDE_CODE_MESSAGING_TOKEN"
 
 # The whole JSON line Claude Code accepts, in characters.
@@ -53,6 +55,29 @@ class InboxRefused(Exception):
     """
     The socket did not take the message; C{str()} says why (for the log).
     """
+
+
+def cross_session_inbound(environ, cwd):
+    """
+    Claude Code's C{crossSessionInbound} setting (C{accept}, C{hold},
+    C{refuse}) as the session will read it, or C{None} when unset: managed
+    settings first, then the project's local and shared settings, then the
+    user's. A file that cannot be read counts as not saying.
+    """
+    home = environ.get("HOME") or os.path.expanduser("~")
+    for path in (MANAGED_SETTINGS,
+                 os.path.join(cwd, ".claude", "settings.local.json"),
+                 os.path.join(cwd, ".claude", "settings.json"),
+                 os.path.join(home, ".claude", "settings.json")):
+        try:
+            with open(path, "rb") as f:
+                document = json.loads(f.read(1024 * 1024).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        value = document.get("crossSessionInbound") if isinstance(document, dict) else None
+        if value in ("accept", "hold", "refuse"):
+            return value
+    return None
 
 
 def socket_from(environ):

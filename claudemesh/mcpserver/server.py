@@ -350,6 +350,11 @@ def build(reactor, loop, environ, mesh=None, mode=None):
     outbox = Outbox(loop)
     want_channels = channels_wanted(environ, extra)
     socket_path, token = inbox.socket_from(environ)
+    if socket_path and inbox.cross_session_inbound(environ, cwd) == "refuse":
+        # The user opted this session out of the inbox: Claude Code would
+        # take the line and drop it. The hooks still deliver.
+        log.info("crossSessionInbound is refuse: not using the inbox socket")
+        socket_path = token = None
     delivery = Delivery(
         mode, delivered_ids(directory, launched, claude_pid),
         inbox=inbox.InboxSocket(reactor, socket_path, token) if socket_path else None,
@@ -415,7 +420,7 @@ def build(reactor, loop, environ, mesh=None, mode=None):
 
 def delivered_ids(directory, launched, claude_pid):
     """
-    The session's L{DeliveredIds}; an in-memory set when the config
+    The session's L{DeliveredIds}; in memory only when the config
     directory cannot hold it (then only this server remembers).
     """
     from twisted.logger import Logger
@@ -427,7 +432,7 @@ def delivered_ids(directory, launched, claude_pid):
     except OSError as e:
         Logger(namespace="claudemesh.mcp").warn(
             "cannot keep delivered message ids in {dir}: {why}", dir=directory, why=e)
-        return set()
+        return DeliveredIds(None)
 
 
 def main(environ=None, mesh=None, mode=None):
