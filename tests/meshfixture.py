@@ -109,7 +109,7 @@ class Peer:
         connection = FakeConnection()
         hello = protocol.decode(json.dumps(self.hello_dict(**kwargs)))
         results = []
-        d = self.fixture.broker.hello(connection, hello)
+        d = self.fixture.broker.presence.hello(connection, hello)
         d.addBoth(results.append)
         self.fixture.flush()
         result = results[0]
@@ -117,7 +117,7 @@ class Peer:
             result.raiseException()
         session, ack = result
         self.session, self.connection = session, connection
-        self.fixture.broker.session_ready(session)
+        self.fixture.broker.presence.ready(session)
         self.fixture.flush()
         return ack
 
@@ -127,15 +127,13 @@ class Peer:
         returns the reply (or the Refusal instance).
         """
         frame = protocol.decode(json.dumps(frame_dict))
-        from claudemesh.broker.ws import AFTER_HELLO
-
-        part, name = AFTER_HELLO[frame.TYPE]
-        broker = self.fixture.broker
-        method = getattr(broker if part == "broker" else broker.membership, name)
+        handler = self.fixture.broker.handlers()[frame.TYPE]
         from twisted.internet import defer
 
+        # As the dispatcher does: every application frame is activity.
+        self.session.last_active_at = self.fixture.now_ms()
         results = []
-        defer.maybeDeferred(method, self.session, frame).addBoth(results.append)
+        defer.maybeDeferred(handler, self.session, frame).addBoth(results.append)
         self.fixture.flush()
         result = results[0] if results else None
         if hasattr(result, "value"):
@@ -158,14 +156,14 @@ class Peer:
         """
         The network drops this peer's connection (no close frame).
         """
-        self.fixture.broker.connection_lost(self.session, self.connection, clean=False)
+        self.fixture.broker.presence.connection_lost(self.session, self.connection, clean=False)
         self.fixture.flush()
 
     def leave(self):
         """
         The client closes its connection cleanly.
         """
-        self.fixture.broker.connection_lost(self.session, self.connection, clean=True)
+        self.fixture.broker.presence.connection_lost(self.session, self.connection, clean=True)
         self.fixture.flush()
 
     def ack_all(self):
@@ -239,7 +237,7 @@ class BrokerFixture:
         member = MemberRecord(self._id("mem"), owner_peer.mesh.id, identity.pubkey, name, role,
                               self.now_ms())
         self.store.add_member(member)
-        cached = self.broker.cached_mesh(owner_peer.mesh.id)
+        cached = self.broker.meshes.cached(owner_peer.mesh.id)
         if cached is not None:
             cached.put_member(member)
         self.flush()
@@ -326,8 +324,10 @@ class FailingEnqueueStore:
 
 class HeldClaimsStore:
     """
-    A store wrapper whose C{claim_deliveries} answers only when the
-    test says so (C{hold} set), as a database round trip in flight would.
+    A store wrapper whose batches holding a claim are answered only when the
+    test says so (C{hold} set), as a database round trip in flight would:
+    C{held} collects C{(Deferred, outcome)} pairs, the batch already
+    written, its answer not yet delivered.
     """
 
     def __init__(self, store=None):
@@ -338,14 +338,15 @@ class HeldClaimsStore:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def claim_deliveries(self, *args, **kwargs):
-        if not self.hold:
-            return self._store.claim_deliveries(*args, **kwargs)
+    def write_batch(self, batch):
+        d = self._store.write_batch(batch)
+        if not (self.hold and batch.claims):
+            return d
         from twisted.internet import defer
 
-        d = defer.Deferred()
-        self.held.append((d, args))
-        return d
+        waiting = defer.Deferred()
+        self.held.append((waiting, result_of(d)))
+        return waiting
 
 
 class CollectingClientProtocol(WebSocketClientProtocol):

@@ -7,7 +7,7 @@ driven without sockets on an inline SQLite store and a fake clock.
 from twisted.trial import unittest
 
 from claudemesh import crypto
-from claudemesh.broker.core import Refusal
+from claudemesh.protocol import Refusal
 from tests.meshfixture import BrokerFixture
 
 

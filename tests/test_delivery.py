@@ -191,7 +191,7 @@ class SessionTargetTests(DeliveryTestCase):
         self.alice.connect()
         self.alice.send(self.bob.pubkey)
         # The drop and the claim happen in one reactor turn, before any flush.
-        self.fx.broker.connection_lost(two, two_conn, clean=False)
+        self.fx.broker.presence.connection_lost(two, two_conn, clean=False)
         self.assertEqual(one_conn.messages(), [])
         self.fx.flush()
         self.assertEqual(len(one_conn.messages()), 1)
@@ -260,34 +260,41 @@ class ClaimRaceTests(DeliveryTestCase):
         frame = protocol.decode(json.dumps({"type": "send", "targetSpec": self.bob.pubkey,
                                             "nonce": nonce, "ciphertext": ciphertext}))
         acks = []
-        self.fx.broker.send(self.alice.session, frame).addCallback(acks.append)
+        self.assertEqual(self.bob.session.outbox.state(), "claiming")
+        self.fx.broker.delivery.send(self.alice.session, frame).addCallback(acks.append)
         # The running claim answers (it read the store before the message was
-        # in it), and any claim it starts at once also runs before the commit.
+        # in it): nothing to push yet, and the message was not leased past it.
         held, self.wrapper.held = self.wrapper.held, []
         self.wrapper.hold = False
-        for d, _ in held:
-            d.callback([])
-        self.assertEqual((acks, self.bob.connection.messages()), ([], []))
+        for d, outcome in held:
+            self.assertEqual(outcome.claimed, [[]])
+            d.callback(outcome)
         self.fx.flush()
+        # The claim after it, queued behind the message, found it: one push.
         [push] = self.bob.connection.messages()
         self.assertEqual(push["messageId"], acks[0]["messageId"])
+        self.assertEqual(self.bob.session.outbox.state(), "idle")
 
 
-class GroupCommitReleaseTests(unittest.TestCase):
-    def test_release_fires_after_commit(self):
-        """GroupCommit.release_leases fires once the batch holding it committed."""
-        from twisted.internet import task
+class GroupCommitOrderTests(DeliveryTestCase):
+    def test_claim_sees_a_release_queued_before_it(self):
+        """A claim queued right after a lease release, in the same turn, takes those deliveries."""
+        from claudemesh.store.records import ClaimRequest
 
-        from claudemesh.broker.groupcommit import GroupCommit
-        from tests.meshfixture import inline_store
-
-        clock = task.Clock()
-        writes = GroupCommit(inline_store(), clock)
-        fired = []
-        writes.release_leases("p1").addCallback(fired.append)
-        self.assertEqual(fired, [])
-        clock.advance(0)
-        self.assertEqual(fired, [None])
+        self.alice.connect()
+        self.bob.connect()
+        self.alice.send(self.bob.pubkey)
+        [push] = self.bob.connection.messages()
+        writes = self.fx.broker.writes
+        writes.release_leases(self.bob.session.presence_id)
+        claimed = []
+        writes.claim(ClaimRequest(
+            self.bob.member.id, None, "p-other", (), ("now", "next", "low"),
+            self.fx.now_ms(), 30_000, 10)).addCallback(claimed.append)
+        self.assertEqual(claimed, [])
+        self.fx.flush()
+        self.assertEqual([[row.message_id for row in rows] for rows in claimed],
+                         [[push["messageId"]]])
 
 
 class GroupCommitBatchCutTests(unittest.TestCase):
@@ -369,7 +376,7 @@ class RefusalTests(DeliveryTestCase):
         """A DM to a revoked member's key is unknown_target."""
         import attr
 
-        mesh = self.fx.broker.cached_mesh(self.bob.mesh.id)
+        mesh = self.fx.broker.meshes.cached(self.bob.mesh.id)
         mesh.put_member(attr.evolve(self.bob.member, revoked_at=self.fx.now_ms()))
         ack = self.alice.send(self.bob.pubkey)
         self.assertEqual((ack["queued"], ack["error"]), (False, "unknown_target"))
@@ -498,4 +505,4 @@ class RateLimitTests(DeliveryTestCase):
 
         broker = Broker(self.fx.store, self.fx.clock,
                         BrokerSettings(send_rate_limit_per_min=0, send_rate_limit_burst=10))
-        self.assertTrue(all(broker._send_buckets.take("m") for _ in range(50)))
+        self.assertTrue(all(broker.delivery._send_buckets.take("m") for _ in range(50)))

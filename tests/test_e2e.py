@@ -82,7 +82,7 @@ class EndToEndMixin:
         self.factory.live = set()
         self.factory.waiting = []
         site = make_site(StoreHealth(self.store, reactor), reactor, self.settings,
-                         ws_factory=self.factory)
+                         self.broker, self.factory)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.url = "ws://127.0.0.1:%d/ws" % (self.port.getHost().port,)
 

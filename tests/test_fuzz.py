@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from claudemesh import crypto, protocol
-from claudemesh.broker.hook import HookStatusResource
+from claudemesh.broker.hookroute import HookStatusResource
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.invite import encode_token, sign_invite
@@ -351,9 +351,10 @@ class RouteFuzzTests(unittest.TestCase):
     def test_routes(self, route, body, headers, length):
         """Fuzzed POSTs to the HTTP routes always get a JSON object and a 2xx/4xx status."""
         world = World(self)
-        membership = world.fx.broker.membership
+        broker = world.fx.broker
+        membership = broker.membership
         resource = {
-            "hook": lambda: HookStatusResource(world.fx.broker, MAX_BYTES),
+            "hook": lambda: HookStatusResource(broker.hooks, broker.metrics, MAX_BYTES),
             "meshes": lambda: MeshCreationResource(membership, None, MAX_BYTES),
             "meshes-token": lambda: MeshCreationResource(membership, "tok", MAX_BYTES),
             "join": lambda: JoinResource(membership, MAX_BYTES),
@@ -366,7 +367,7 @@ class RouteFuzzTests(unittest.TestCase):
     def test_signed_hook_bodies(self, status, session_id, cwd, pid):
         """Correctly signed hook requests with fuzzed bodies: JSON answers, 2xx/4xx, no error."""
         world = World(self)
-        resource = HookStatusResource(world.fx.broker, MAX_BYTES)
+        resource = HookStatusResource(world.fx.broker.hooks, world.fx.broker.metrics, MAX_BYTES)
         body = {"status": status, "session_id": session_id, "cwd": cwd, "pid": pid}
         try:
             raw = json.dumps(world.substitute(body), allow_nan=True).encode(
@@ -437,7 +438,7 @@ class FoundByFuzzingTests(unittest.TestCase):
         self.wire.send(self.world.alice.hello_dict(session_id="fz"))
         self.wire.send_raw(b'{"type":"set_summary","summary":"\\ud83d\\ude00"}')
         self.assertNotEqual(self.wire.last()["type"], "error")
-        [session] = [s for s in self.world.fx.broker.cached_mesh(
+        [session] = [s for s in self.world.fx.broker.meshes.cached(
             self.world.owner.mesh.id).sessions.values() if s.session_id == "fz"]
         self.assertEqual(session.summary, "\U0001f600")
 

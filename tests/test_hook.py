@@ -14,7 +14,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from claudemesh import crypto
-from claudemesh.broker.hook import HookStatusResource
+from claudemesh.broker.hookroute import HookStatusResource
 from tests.meshfixture import BrokerFixture, store_snapshot
 
 MAX_BODY = 2048
@@ -25,7 +25,7 @@ class HookTestCase(unittest.TestCase):
 
     def setUp(self):
         self.fx = BrokerFixture(**self.settings)
-        self.resource = HookStatusResource(self.fx.broker, MAX_BODY)
+        self.resource = HookStatusResource(self.fx.broker.hooks, self.fx.broker.metrics, MAX_BODY)
         self.owner = self.fx.create_mesh()
         self.alice = self.fx.add_member(self.owner, "alice")
         self.bob = self.fx.add_member(self.owner, "bob")
@@ -69,10 +69,10 @@ class HookTestCase(unittest.TestCase):
     def snapshot(self):
         self.fx.flush()
         statuses = {}
-        for mesh in self.fx.broker._meshes.values():
+        for mesh in self.fx.broker.meshes._meshes.values():
             for s in mesh.sessions.values():
                 statuses[s.presence_id] = s.status
-        return store_snapshot(self.fx.store), statuses, dict(self.fx.broker._pending_hooks)
+        return store_snapshot(self.fx.store), statuses, dict(self.fx.broker.hooks.pending)
 
     def body(self, status="working", **fields):
         payload = {"status": status, "cwd": "", "pid": 0, "session_id": None}
@@ -221,7 +221,7 @@ class RefusalTests(HookTestCase):
     def test_revoked_member(self):
         """A revoked member's key is 401."""
         revoked = attr.evolve(self.alice.member, revoked_at=self.fx.now_ms())
-        self.fx.broker.cached_mesh(self.alice.mesh.id).put_member(revoked)
+        self.fx.broker.meshes.cached(self.alice.mesh.id).put_member(revoked)
         self.assertRefused(self.post(self.body(session_id="a1")), 401, "unauthorized")
 
     def test_bad_json(self):

@@ -9,8 +9,8 @@ import json
 from twisted.trial import unittest
 
 from claudemesh import crypto, protocol
-from claudemesh.broker.core import Refusal
 from claudemesh.invite import decode_token, encode_token, sign_invite
+from claudemesh.protocol import Refusal
 from tests.meshfixture import BrokerFixture, Peer
 
 BROKER_URL = "ws://127.0.0.1:7900/ws"
@@ -61,7 +61,7 @@ class MembershipTestCase(unittest.TestCase):
     def joined_peer(self, name, role="member"):
         token, _ = self.invite(role=role)
         identity, result = self.join(token, name=name)
-        mesh = self.fx.broker.cached_mesh(self.owner.mesh.id)
+        mesh = self.fx.broker.meshes.cached(self.owner.mesh.id)
         return Peer(self.fx, self.owner.mesh, mesh.members[result["memberId"]], identity)
 
     def audit_types(self):

@@ -432,7 +432,7 @@ class NulBytesTests(WireTestCase):
                     continue
                 try:
                     protocol.decode(json.dumps(with_nul(frame, path)))
-                except protocol.FrameError as e:
+                except protocol.Refusal as e:
                     caught = e
                 else:
                     self.fail("NUL accepted in %s %r" % (type_name, path))
@@ -468,7 +468,7 @@ class NulBytesTests(WireTestCase):
             for bad in ("a|b", "a b", "claudemesh-create/1", "é"):
                 frame = dict(SAMPLE_FRAMES[type_name], type=type_name)
                 frame[field_name] = bad
-                with self.assertRaises(protocol.FrameError) as caught:
+                with self.assertRaises(protocol.Refusal) as caught:
                     protocol.decode(json.dumps(frame))
                 self.assertIn(repr(field_name), caught.exception.message)
 
@@ -528,11 +528,10 @@ class BatchRefusalMixin:
         self.bad(self.writes, "p-new")
         self.writes.update_session("p-new", {"summary": "fine"})
         self.writes.ack(first.id, self.bob.id, self.bob.id)
-        released = self.writes.release_leases("p-old")
+        self.writes.release_leases("p-old")
         self.writes.close_session("p-old", self.now + 1)
         result = yield sent
         self.assertEqual(result.message_id, "m-second")
-        yield released
         yield self.writes.flushed()
         [row] = yield self.store.message_deliveries(first.id)
         self.assertEqual(row.state, "delivered")

@@ -56,7 +56,7 @@ class CoreShutdownTests(unittest.TestCase):
         self.assertEqual(len(result_of(self.fx.store.list_open_sessions(mesh_id))), 3)
         self.stop()
         self.assertEqual(result_of(self.fx.store.list_open_sessions(mesh_id)), [])
-        self.assertEqual(self.fx.broker.cached_mesh(mesh_id).sessions, {})
+        self.assertEqual(self.fx.broker.meshes.cached(mesh_id).sessions, {})
 
     def test_pending_writes_flushed(self):
         """A send still in the group-commit queue is committed and acked queued:true."""
@@ -64,7 +64,7 @@ class CoreShutdownTests(unittest.TestCase):
             "type": "send", "id": "last", "targetSpec": self.bob.pubkey,
             "nonce": "bm9uY2U=", "ciphertext": "eA=="}))
         acks = []
-        self.fx.broker.send(self.alice.session, frame).addBoth(acks.append)
+        self.fx.broker.delivery.send(self.alice.session, frame).addBoth(acks.append)
         self.assertEqual((acks, result_of(self.fx.store.count_queued())), ([], 0))
         self.stop()
         self.assertEqual(acks[0]["queued"], True)

@@ -118,7 +118,7 @@ class SlowConsumerTests(unittest.TestCase):
         self.pump()
 
     def bob_session(self):
-        [session] = [s for s in self.fx.broker.cached_mesh(self.owner.mesh.id).sessions.values()
+        [session] = [s for s in self.fx.broker.meshes.cached(self.owner.mesh.id).sessions.values()
                      if s.member.id == self.bob.member.id]
         return session
 
@@ -169,7 +169,7 @@ class SlowConsumerTests(unittest.TestCase):
         self.fx.advance(5)
         self.pump()
         again = self.hello(self.bob)
-        self.assertEqual(self.fx.broker.cached_mesh(self.owner.mesh.id)
+        self.assertEqual(self.fx.broker.meshes.cached(self.owner.mesh.id)
                          .sessions[self.bob_session().presence_id].connection, again.server)
         got = {push["messageId"] for push in again.pushes()}
         acked = {f["messageId"] for f in alice.client.frames if f["type"] == "ack"}
@@ -218,15 +218,15 @@ class SlowConsumerTests(unittest.TestCase):
         bob.server_transport.blocked = True
         bob.send(self.bob.hello_dict(), self)
         session = self.bob_session()
-        self.assertIsNotNone(session.held)
+        outbox = session.outbox
+        self.assertEqual(outbox.state(), "paused")
         self.assertLess(len(session.inflight), 40)
         self.assertEqual(result_of(self.fx.store.count_queued()), 40)
         # The auto-ping timeout drops it; everything is still queued.
         self.fx.advance(200)
         self.pump()
         self.assertIsNone(session.connection)
-        self.assertIsNone(session.held)
-        self.assertFalse(session.draining)
+        self.assertEqual(outbox.state(), "closed")
         again = self.hello(self.bob)
         self.assertEqual(len(again.pushes()), 40)
 
@@ -257,7 +257,7 @@ class RealSocketSlowConsumerTests(unittest.TestCase):
         self.addCleanup(bob.close)
         yield bob.connect(session_id="bob")
         yield sender.connect(session_id="sender")
-        mesh = broker.broker.cached_mesh(members["bob"].mesh_id)
+        mesh = broker.broker.meshes.cached(members["bob"].mesh_id)
         [session] = [s for s in mesh.sessions.values() if s.session_id == "bob"]
 
         bob.auto_ack = False

@@ -7,7 +7,6 @@ acting on sibling sessions, summaries and groups).
 
 from twisted.trial import unittest
 
-from claudemesh.broker.core import Refusal
 from claudemesh.broker.status import (
     DELIVERABLE,
     StatusState,
@@ -15,6 +14,7 @@ from claudemesh.broker.status import (
     decay,
     may_receive,
 )
+from claudemesh.protocol import Refusal
 from tests.meshfixture import BrokerFixture
 
 WINDOW = 30_000
@@ -90,7 +90,7 @@ class CoreStatusTestCase(unittest.TestCase):
         ts = self.fx.now_ms()
         signature = peer.identity.sign(crypto.hook_string(peer.mesh.id, ts, body))
         results = []
-        self.fx.broker.hook_set_status(peer.mesh.id, peer.pubkey, str(ts), signature,
+        self.fx.broker.hooks.report(peer.mesh.id, peer.pubkey, str(ts), signature,
                                        body).addBoth(results.append)
         self.fx.flush()
         return results[0]
@@ -166,7 +166,7 @@ class SourceRuleTests(CoreStatusTestCase):
         """set_status with source hook is malformed: hook only arrives through the route."""
         from claudemesh import protocol
 
-        self.assertRaises(protocol.FrameError, protocol.decode,
+        self.assertRaises(protocol.Refusal, protocol.decode,
                           '{"type": "set_status", "status": "idle", "source": "hook"}')
 
 

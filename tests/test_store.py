@@ -807,7 +807,7 @@ class StoreTestsMixin:
                                         "status_updated_at": NOW + 5}),),
             acks=((old.id, bob.id, bob.id),), releases=(one.presence_id,),
             closes=((one.presence_id, NOW + 6),), now=NOW + 7))
-        self.assertEqual([r.message_id for r in results], [fresh.id])
+        self.assertEqual([r.message_id for r in results.enqueued], [fresh.id])
         [session] = yield self.store.list_open_sessions(mesh.id)
         self.assertEqual((session.presence_id, session.status), (two.presence_id, "working"))
         [delivered] = yield self.store.message_deliveries(old.id)
@@ -815,6 +815,22 @@ class StoreTestsMixin:
         claimed = yield self.claim(bob, two.presence_id)
         self.assertEqual(sorted(c.message_id for c in claimed), sorted([leased.id, fresh.id]))
         self.assertEqual((yield self.store.audit_entries(mesh.id, 10, 0))[1], 1)
+
+    @defer.inlineCallbacks
+    def test_write_batch_claims_last(self):
+        """A batch's claims run after its writes: they see its messages and its releases."""
+        mesh, owner, bob = yield self.meshWithRecipient()
+        old = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        yield self.store.enqueue([old])
+        yield self.claim(bob, "p-old")
+        fresh = self.makeMessage(mesh, owner, [NewDelivery(bob.id)])
+        request = ClaimRequest(bob.id, None, "p-new", (), ALL, NOW, LEASE, 10)
+        outcome = yield self.store.write_batch(WriteBatch(
+            messages=(fresh,), releases=("p-old",), claims=(request, request), now=NOW))
+        [first, second] = outcome.claimed
+        self.assertEqual(sorted(c.message_id for c in first), sorted([old.id, fresh.id]))
+        # The second claim of the batch sees the first one's leases.
+        self.assertEqual(second, [])
 
     @defer.inlineCallbacks
     def test_write_batch_stores_leased(self):

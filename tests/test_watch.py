@@ -214,7 +214,7 @@ class WatchDeliveryTests(WatchTestCase):
         now = self.fx.now_ms()
         signature = self.alice.identity.sign(
             crypto.hook_string(self.alice.mesh.id, now, body))
-        result = result_of(self.fx.broker.hook_set_status(
+        result = result_of(self.fx.broker.hooks.report(
             self.alice.mesh.id, self.alice.pubkey, str(now), signature, body))
         self.assertEqual(result["presence_id"], claude.presence_id)
         self.assertEqual(watcher.status.status, "idle")

@@ -16,15 +16,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from claudemesh import __version__
+from claudemesh.broker.core import Broker
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.broker.web import (
     PING_TIMEOUT_SECONDS,
     StoreHealth,
     make_site,
-    make_ws_factory,
 )
-from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
+from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store.interface import StoreUnavailable
+from tests.clientfixture import TrackedServerProtocol
+from tests.meshfixture import inline_store
 
 # A realistic wall clock (2026-11-28T...) with a fractional part, so that the
 # integer conversions of uptime and serverTime are visible.
@@ -50,6 +52,14 @@ class FakeStore:
         if self.reachable:
             return succeed(None)
         return fail(StoreUnavailable("connection refused"))
+
+
+def broker_site(health, clock, settings):
+    """
+    The broker's site on an inline store, with C{health} behind /health.
+    """
+    broker = Broker(inline_store(), clock, settings)
+    return make_site(health, clock, settings, broker, BrokerServerFactory(broker, clock, settings))
 
 
 class HTTPResponse:
@@ -85,7 +95,7 @@ class SiteMixin:
         self.clock.advance(START)
         self.store = FakeStore()
         self.health = StoreHealth(self.store, self.clock)
-        self.site = make_site(self.health, self.clock, BrokerSettings())
+        self.site = broker_site(self.health, self.clock, BrokerSettings())
 
     def request(self, method, path, headers=()):
         """
@@ -271,7 +281,7 @@ class MetricsTests(SiteMixin, SynchronousTestCase):
 
     def test_registryIsolated(self):
         """Two sites keep separate registries (the global default one is not used)."""
-        other = make_site(StoreHealth(FakeStore(), self.clock), self.clock, BrokerSettings())
+        other = broker_site(StoreHealth(FakeStore(), self.clock), self.clock, BrokerSettings())
         self.assertIsNot(other.resource.children[b"metrics"]._registry,
                          self.site.resource.children[b"metrics"]._registry)
 
@@ -312,26 +322,15 @@ class RoutingTests(SiteMixin, SynchronousTestCase):
 
     def test_webSocketOptions(self):
         """The /ws factory carries the liveness and size options of DESIGN 4.3 (outbound + 1024)."""
-        factory = make_ws_factory(BrokerSettings(max_message_bytes=4096), self.clock)
+        settings = BrokerSettings(max_message_bytes=4096)
+        factory = BrokerServerFactory(Broker(inline_store(), self.clock, settings), self.clock,
+                                      settings)
         self.assertEqual(
             (factory.autoPingInterval, factory.autoPingTimeout, factory.failByDrop,
              factory.maxMessagePayloadSize, factory.maxFramePayloadSize, factory.webStatus,
              factory.reactor),
             (30, 75, False, 4096 + 1024, 4096, False, self.clock),
         )
-
-
-class _ServerProtocol(UnwiredBrokerProtocol):
-    """
-    The stub protocol, telling the test when its connection is gone.
-    """
-
-    def connectionLost(self, reason):
-        super().connectionLost(reason)
-        self.factory.connections_lost.append(reason)
-        waiting, self.factory.waiting = self.factory.waiting, []
-        for d in waiting:
-            d.callback(None)
 
 
 class _ClientProtocol(WebSocketClientProtocol):
@@ -360,13 +359,15 @@ class WebSocketIntegrationTests(TestCase):
 
         self.reactor = reactor
         settings = BrokerSettings(max_message_bytes=1024)
-        self.ws_factory = make_ws_factory(settings, reactor, protocol=_ServerProtocol)
-        self.ws_factory.connections_lost = []
+        broker = Broker(inline_store(), reactor, settings)
+        self.ws_factory = BrokerServerFactory(broker, reactor, settings)
+        self.ws_factory.protocol = TrackedServerProtocol
+        self.ws_factory.live = set()
         self.ws_factory.waiting = []
         self.ws_factory.doStart()
         self.addCleanup(self.ws_factory.doStop)
-        site = make_site(StoreHealth(FakeStore(), reactor), reactor, settings,
-                         ws_factory=self.ws_factory)
+        site = make_site(StoreHealth(FakeStore(), reactor), reactor, settings, broker,
+                         self.ws_factory)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 
@@ -388,21 +389,21 @@ class WebSocketIntegrationTests(TestCase):
         A Deferred firing once the server side of the one connection is
         gone (so no Autobahn timer outlives the test).
         """
-        if self.ws_factory.connections_lost:
+        if not self.ws_factory.live:
             return succeed(None)
         d = Deferred()
         self.ws_factory.waiting.append(d)
         return d
 
     async def test_frameAnsweredWithError(self):
-        """A text frame gets the stub's error frame, then the connection closes cleanly."""
+        """A bad frame over a real socket gets its error frame; the client then closes cleanly."""
         client = self.connect(b'{"type":"hello"}')
         was_clean, code = await client.closed
         await self.server_gone()
         self.assertEqual([json.loads(frame) for frame in client.received], [{
             "type": "error",
-            "code": "unavailable",
-            "message": "the broker core is not wired yet",
+            "code": "malformed",
+            "message": "field 'meshId' is required",
         }])
         self.assertEqual((was_clean, code), (True, 1000))
 

@@ -148,7 +148,7 @@ class HelloOverTheWireTests(WireTestCase):
         self.assertEqual(second.last().get("restored"), True)
         self.assertOpen(second)
         # The replaced connection's close does not end the session.
-        [session] = self.fx.broker.cached_mesh(self.alice.mesh.id).sessions.values()
+        [session] = self.fx.broker.meshes.cached(self.alice.mesh.id).sessions.values()
         self.assertIs(session.connection, second.server)
 
     def test_clean_close_ends_session(self):
@@ -349,7 +349,8 @@ class LivenessTests(WireTestCase):
         wire.pump()
         self.assertIsNone(session.connection)
         self.assertIsNotNone(session.grace_call)
-        self.assertIn(session.presence_id, self.fx.broker.cached_mesh(self.alice.mesh.id).sessions)
+        mesh = self.fx.broker.meshes.cached(self.alice.mesh.id)
+        self.assertIn(session.presence_id, mesh.sessions)
 
 
 class FailedRequestTests(WireTestCase):

@@ -8,12 +8,19 @@ transaction, so a burst of sends costs one commit per batch instead of
 several per message, and a message is acknowledged only after the batch
 holding it committed.
 
+Claims of deliveries go through the same queue: a claim runs in its batch's
+transaction after the batch's writes, and sees everything queued before it
+— a message, a lease release — and nothing queued after it. That order is
+what lets an outbox wake a claim at once, without waiting for what it needs
+to see to commit first (L{claudemesh.broker.outbox}).
+
 A batch can fail two ways:
 
-  - the store is unavailable (L{StoreUnavailable}): the messages in it fail
-    (their senders get C{queued:false}, never a false C{queued:true}); every
-    other write goes back in front of the queue and is tried again a second
-    later, so nothing else is lost;
+  - the store is unavailable (L{StoreUnavailable}): the messages and claims
+    in it fail (senders get C{queued:false}, never a false C{queued:true};
+    an outbox tries its claim again on its next wake); every other write goes
+    back in front of the queue and is tried again a second later, so nothing
+    else is lost;
   - the store refused the data of one write (a constraint, a value the
     database cannot hold): the batch is split in halves, and each half
     written on its own, down to the one write the store refuses, which alone
@@ -31,14 +38,16 @@ from claudemesh.store.interface import StoreUnavailable
 from claudemesh.store.records import WriteBatch
 
 # The kinds of queued writes, in the order a WriteBatch applies them.
-_ORDER = ("open", "message", "audit", "update", "ack", "release", "close")
+_ORDER = ("open", "message", "audit", "update", "ack", "release", "close", "claim")
+# The kinds whose caller waits for a result (and learns of a failure).
+_ANSWERED = ("message", "claim")
 
 
 class _Write:
     """
     One queued write: its kind (one of L{_ORDER}), its value, and for a
     message its audit event and the Deferred waiting for its result, for a
-    release the Deferred waiting for it to be written.
+    claim the Deferred waiting for its rows.
     """
 
     __slots__ = ("order", "kind", "value", "audit", "waiter")
@@ -74,7 +83,8 @@ def _batch_of(writes, now):
     return WriteBatch(
         opens=tuple(parts["open"]), messages=tuple(parts["message"]), audit=tuple(audit),
         updates=tuple(parts["update"]), acks=tuple(parts["ack"]),
-        releases=tuple(parts["release"]), closes=tuple(parts["close"]), now=now)
+        releases=tuple(parts["release"]), closes=tuple(parts["close"]),
+        claims=tuple(parts["claim"]), now=now)
 
 
 class GroupCommit:
@@ -127,12 +137,19 @@ class GroupCommit:
 
     def release_leases(self, presence_id):
         """
-        Queue giving back the leases of a session. The L{Deferred} fires
-        (never fails) once the batch holding the release was written, so a
-        claim made after it can take those deliveries.
+        Queue giving back the leases of a session (a claim queued after this
+        sees them back in the queue).
+        """
+        self._queue(_Write("release", presence_id))
+
+    def claim(self, request):
+        """
+        Queue a L{ClaimRequest}. The L{Deferred} fires with its
+        L{ClaimedDelivery} rows once the batch holding it committed, or fails
+        as it could not run.
         """
         d = defer.Deferred()
-        self._queue(_Write("release", presence_id, waiter=d))
+        self._queue(_Write("claim", request, waiter=d))
         return d
 
     def close_session(self, presence_id, when):
@@ -162,20 +179,21 @@ class GroupCommit:
         Everything queued (at most C{max_batch} messages), in L{_ORDER}.
         """
         messages = self._queued["message"]
-        # Audit events queued after the first message left for the next
-        # batch wait with it: the chain keeps the order of events, and no
-        # event commits before a message queued earlier.
-        audit_until = None
+        # Audit events and claims queued after the first message left for
+        # the next batch wait with it: the chain keeps the order of events,
+        # no event commits before a message queued earlier, and a claim
+        # always sees the messages queued before it.
+        until = None
         if len(messages) > self._max_batch:
-            audit_until = messages[self._max_batch].order
+            until = messages[self._max_batch].order
         writes = []
         for kind in _ORDER:
             queued = self._queued[kind]
             if kind == "message":
                 taken, left = queued[:self._max_batch], queued[self._max_batch:]
-            elif kind == "audit" and audit_until is not None:
-                taken = [w for w in queued if w.order < audit_until]
-                left = [w for w in queued if w.order >= audit_until]
+            elif kind in ("audit", "claim") and until is not None:
+                taken = [w for w in queued if w.order < until]
+                left = [w for w in queued if w.order >= until]
             else:
                 taken, left = queued, []
             self._queued[kind] = left
@@ -213,13 +231,13 @@ class GroupCommit:
                 self._metrics.store_batch_size.observe(len(writes))
             return result
 
-        def committed(results):
-            results = iter(results)
+        def committed(outcome):
+            enqueued, claimed = iter(outcome.enqueued), iter(outcome.claimed)
             for write in writes:
                 if write.kind == "message":
-                    write.waiter.callback(next(results))
-                elif write.kind == "release":
-                    write.waiter.callback(None)
+                    write.waiter.callback(next(enqueued))
+                elif write.kind == "claim":
+                    write.waiter.callback(next(claimed))
             return True
 
         def failed(f):
@@ -248,16 +266,17 @@ class GroupCommit:
     def _unavailable(self, writes, f):
         """
         The store is down: fail the messages (their senders learn it now)
-        and keep every other write for the next attempt.
+        and the claims (their outboxes try again), and keep every other
+        write for the next attempt.
         """
-        messages = [w for w in writes if w.kind == "message"]
+        answered = [w for w in writes if w.kind in _ANSWERED]
         self._log.warn(
-            "the store is unavailable ({error}): {count} messages refused, {other} other "
-            "writes kept for the next attempt", error=f.getErrorMessage()[:200],
-            count=len(messages), other=len(writes) - len(messages))
-        for write in messages:
+            "the store is unavailable ({error}): {count} messages and claims refused, {other}"
+            " other writes kept for the next attempt", error=f.getErrorMessage()[:200],
+            count=len(answered), other=len(writes) - len(answered))
+        for write in answered:
             write.waiter.errback(f)
-        self._requeue([w for w in writes if w.kind != "message"])
+        self._requeue([w for w in writes if w.kind not in _ANSWERED])
 
     def _refused(self, write, f):
         """
@@ -266,10 +285,8 @@ class GroupCommit:
         self._log.error(
             "the store refused one {kind} write ({error}); it is dropped, the rest of "
             "its batch is written", kind=write.kind, error=f.getErrorMessage()[:200])
-        if write.kind == "message":
+        if write.kind in _ANSWERED:
             write.waiter.errback(f)
-        elif write.kind == "release":
-            write.waiter.callback(None)
 
     def _done(self, ok):
         self._in_flight = None

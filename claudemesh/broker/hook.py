@@ -1,91 +1,148 @@
 """
-C{POST /hook/set-status}: the Claude Code hook reports a session's status.
+The status hook: a signed report from Claude Code's hook (C{POST
+/hook/set-status}, see L{claudemesh.broker.hookroute}) about one of the
+caller's own sessions.
 
-The request is signed by the member key over
-C{claudemesh-hook/1|POST|/hook/set-status|meshId|timestamp|sha256(body)}
-(DESIGN section 4.1) and carried in the C{X-Claudemesh-*} headers; the broker
-core decides which of the caller's own sessions it is about.
+The report names the session by its id (or Claude Code's session id), else
+by pid and working directory, else by directory alone, and only ever among
+the caller's own member's sessions (another member's session with the same
+id neither matches nor refuses). A report about a session that has not
+said hello yet is kept for a few seconds (keyed on mesh, member and session
+id) and applied when it does.
 """
 
 import json
 
 from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.web import resource, server
 
-from claudemesh.broker.core import Refusal
-
-HTTP_STATUS = {
-    "unauthorized": 401,
-    "forbidden": 403,
-    "malformed": 400,
-    "rate_limited": 429,
-    "too_large": 413,
-}
+from claudemesh import crypto, protocol
+from claudemesh.broker.ratelimit import TokenBuckets
 
 
-def json_response(request, code, body):
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+def parse_hook_body(body):
+    """
+    The validated fields of a hook body: C{status}, C{cwd}, C{pid},
+    C{session_id}.
+
+    @raise protocol.Refusal: C{malformed}, naming the field.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise protocol.Refusal("malformed", "body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise protocol.Refusal("malformed", "body must be a JSON object")
+    status = payload.get("status")
+    if status not in protocol.STATUSES:
+        raise protocol.Refusal("malformed", "field 'status' must be one of idle, working, dnd")
+    cwd = payload.get("cwd", "")
+    if (not isinstance(cwd, str) or len(cwd) > protocol.MAX_PATH_LENGTH
+            or protocol.has_nul(cwd)):
+        raise protocol.Refusal("malformed", "field 'cwd' must be a string without NUL")
+    pid = payload.get("pid", 0)
+    if pid is None:
+        pid = 0
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 2**31:
+        raise protocol.Refusal("malformed", "field 'pid' must be an integer from 0 to 2^31-1")
+    session_id = payload.get("session_id")
+    if session_id is not None and not (isinstance(session_id, str) and len(session_id) <= 128
+                                       and not protocol.has_nul(session_id)):
+        raise protocol.Refusal("malformed", "field 'session_id' must be a string without NUL")
+    return {"status": status, "cwd": cwd, "pid": pid, "session_id": session_id}
 
 
-class HookStatusResource(resource.Resource):
-    isLeaf = True
-    _log = Logger()
+class HookStatus:
+    """
+    The hook part of the broker core.
 
-    def __init__(self, broker, max_body_bytes):
-        resource.Resource.__init__(self)
-        self._broker = broker
-        self._max = max_body_bytes
+    @param status: the L{claudemesh.broker.status.StatusBoard} the reports
+        are signals to.
+    """
 
-    def _count(self, result):
-        metrics = self._broker.metrics
-        if metrics is not None:
-            metrics.hook_requests.labels(result).inc()
+    def __init__(self, meshes, status, clock, settings):
+        self._meshes = meshes
+        self._status = status
+        self._clock = clock
+        self._settings = settings
+        self._buckets = TokenBuckets(
+            clock, settings.hook_rate_limit_per_min, settings.hook_rate_limit_per_min)
+        # (mesh id, member id, session id) -> (status, received at ms)
+        self.pending = {}
 
-    def render_POST(self, request):
-        length = request.getHeader(b"content-length")
-        body = request.content.read(self._max + 1) if request.content is not None else b""
-        if (length is not None and length.isdigit() and int(length) > self._max) or len(
-                body) > self._max:
-            self._count("too_large")
-            return json_response(request, 413, {"ok": False, "error": "payload too large"})
+    def _now(self):
+        return int(self._clock.seconds() * 1000)
 
-        def header(name):
-            # twisted.web hands header values over as bytes; the core
-            # compares and signs text. Undecodable values count as missing.
-            value = request.getHeader(name)
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    value = None
-            return value if value is not None else ""
+    @defer.inlineCallbacks
+    def report(self, mesh_id, pubkey, timestamp, signature, body):
+        """
+        One signed status report.
 
-        d = defer.maybeDeferred(
-            self._broker.hook_set_status,
-            header(b"x-claudemesh-mesh"), header(b"x-claudemesh-pubkey"),
-            header(b"x-claudemesh-timestamp"), header(b"x-claudemesh-signature"), body)
+        @return: a L{Deferred} firing with the result object.
+        @raise protocol.Refusal: C{unauthorized}, C{rate_limited} or
+            C{malformed}; nothing changes.
+        """
+        now = self._now()
+        try:
+            timestamp = int(timestamp)
+        except (TypeError, ValueError):
+            raise protocol.Refusal(
+                "unauthorized", "missing or bad X-Claudemesh-Timestamp") from None
+        if abs(now - timestamp) > protocol.SIGNED_SKEW_MS:
+            raise protocol.Refusal("unauthorized", "stale timestamp")
+        if not (crypto.is_pubkey(pubkey) and crypto.is_signature(signature or "")):
+            raise protocol.Refusal("unauthorized", "missing or malformed signature headers")
+        if not crypto.verify(pubkey, crypto.hook_string(mesh_id, timestamp, body), signature):
+            raise protocol.Refusal("unauthorized", "bad signature")
+        mesh = yield self._meshes.load(mesh_id)
+        member = mesh.members_by_pubkey.get(pubkey) if mesh is not None else None
+        if member is None or member.revoked_at is not None:
+            raise protocol.Refusal("unauthorized", "not a member of this mesh")
+        if not self._buckets.take(pubkey):
+            raise protocol.Refusal("rate_limited", "rate limited")
+        payload = parse_hook_body(body)
+        status = payload["status"]
+        cwd, pid, session_id = payload["cwd"], payload["pid"], payload["session_id"]
+        # A watching session (claudemesh ui) is nobody's Claude Code session.
+        mine = [s for s in mesh.sessions_of(member.id) if not s.watch]
+        target = None
+        if session_id:
+            # The caller's own sessions only: session ids are client-chosen
+            # and unique per member at best, so another member's session
+            # with the same id (by chance, or squatted in its hello to
+            # block this one: issue 11) must neither match nor refuse.
+            named = [s for s in mine if session_id in (s.session_id, s.claude_session_id)]
+            target = max(named, key=lambda s: s.connected_at, default=None)
+        if target is None and pid and cwd:
+            candidates = [s for s in mine if s.pid == pid and s.cwd == cwd]
+            target = max(candidates, key=lambda s: s.connected_at, default=None)
+        if target is None and cwd:
+            candidates = [s for s in mine if s.cwd == cwd]
+            target = max(candidates, key=lambda s: s.connected_at, default=None)
+        if target is None:
+            if session_id:
+                self.pending[(mesh.id, member.id, session_id)] = (status, now)
+            return {"ok": True, "pending": True}
+        self._status.signal(target, status, "hook")
+        return {"ok": True, "presence_id": target.presence_id, "status": target.status.status}
 
-        def done(result):
-            self._count("pending" if result.get("pending") else "ok")
-            request.write(json_response(request, 200, result))
-            request.finish()
+    def apply_pending(self, session):
+        """
+        A session said hello: apply a recent report about it, if any.
+        """
+        horizon = self._now() - self._settings.pending_hook_seconds * 1000
+        for key in (session.session_id, session.claude_session_id):
+            if not key:
+                continue
+            pending = self.pending.pop((session.mesh.id, session.member.id, key), None)
+            if pending is not None and pending[1] >= horizon:
+                self._status.signal(session, pending[0], "hook")
+                return
 
-        def refused(f):
-            f.trap(Refusal)
-            self._count(f.value.code)
-            request.write(json_response(request, HTTP_STATUS.get(f.value.code, 400), {
-                "ok": False, "error": f.value.code, "message": f.value.message}))
-            request.finish()
-
-        def failed(f):
-            self._log.failure("hook request failed", f)
-            self._count("error")
-            request.write(json_response(request, 503, {"ok": False, "error": "unavailable"}))
-            request.finish()
-
-        d.addCallbacks(done, refused).addErrback(failed)
-        return server.NOT_DONE_YET
+    def sweep(self):
+        """
+        Forget reports that waited too long for their session.
+        """
+        horizon = self._now() - self._settings.pending_hook_seconds * 1000
+        for key in [k for k, (_, at) in self.pending.items() if at < horizon]:
+            del self.pending[key]
+        self._buckets.sweep()

@@ -27,13 +27,13 @@ from twisted.logger import Logger
 
 from claudemesh import crypto, protocol
 from claudemesh.audit import iso_millis
-from claudemesh.broker.core import HELLO_SKEW_MS, Refusal, new_id, revoked_message
+from claudemesh.broker import pages
+from claudemesh.broker.ids import new_id
 from claudemesh.invite import BadInvite, decode_token, verify_invite
+from claudemesh.protocol import Refusal, key_matches
 from claudemesh.store.interface import DuplicateKey
 from claudemesh.store.records import AuditEvent, InviteRecord, MemberRecord, MeshRecord
 
-MIN_PREFIX = 8
-_HEX = re.compile(r"\A[0-9a-f]+\Z")
 PAST = {"disconnect": "disconnected", "kick": "kicked", "ban": "banned", "unban": "unbanned"}
 MODERATORS = ("owner", "admin")
 
@@ -43,25 +43,29 @@ def slugify(name):
     return slug or "mesh"
 
 
-def _key_matches(key, target):
-    if not key:
-        return False
-    return key == target or (len(target) >= MIN_PREFIX and _HEX.match(target) is not None
-                             and key.startswith(target))
-
-
 class Membership:
+    """
+    The membership part of the broker core.
+
+    @param presence: ends the sessions a moderation action removes.
+    """
+
     _log = Logger()
 
-    def __init__(self, broker):
-        self._broker = broker
-
-    @property
-    def _store(self):
-        return self._broker.store
+    def __init__(self, meshes, store, writes, presence, clock, settings):
+        self._meshes = meshes
+        self._store = store
+        self._writes = writes
+        self._presence = presence
+        self._clock = clock
+        self._settings = settings
 
     def _now(self):
-        return self._broker.now_ms()
+        return int(self._clock.seconds() * 1000)
+
+    def _budget(self):
+        # Replies listing rows fit in one frame (claudemesh.broker.pages).
+        return self._settings.max_message_bytes
 
     def _event(self, mesh_id, event_type, actor, payload):
         return AuditEvent(mesh_id, event_type, actor, payload, self._now())
@@ -71,7 +75,7 @@ class Membership:
         Record an action that changed nothing stored (a disconnect or kick)
         with the next group commit.
         """
-        self._broker.writes.audit(self._event(mesh_id, event_type, actor, payload))
+        self._writes.audit(self._event(mesh_id, event_type, actor, payload))
 
     # -- authorisation -----------------------------------------------------------
 
@@ -87,7 +91,8 @@ class Membership:
         if target.id == session.member.id:
             raise Refusal("invalid", "cannot %s yourself" % (verb,))
         if target.role == "owner":
-            raise Refusal("forbidden", "the mesh owner cannot be %s" % (PAST.get(verb, verb),))
+            raise Refusal(
+                "forbidden", "the mesh owner cannot be %s" % (PAST.get(verb, verb),))
         if target.role == "admin" and session.member.role != "owner":
             raise Refusal("forbidden", "only the owner can %s an admin" % (verb,))
 
@@ -109,7 +114,7 @@ class Membership:
         for member in mesh.members.values():
             if (member.revoked_at is not None) != revoked:
                 continue
-            if member.display_name == target or _key_matches(member.pubkey, target):
+            if member.display_name == target or key_matches(member.pubkey, target):
                 found[member.id] = member
         if not revoked:
             for s in mesh.sessions.values():
@@ -118,7 +123,7 @@ class Membership:
                     continue
                 if s.display_name == target:
                     found[member.id] = member
-                elif _key_matches(s.session_pubkey, target):
+                elif key_matches(s.session_pubkey, target):
                     found[member.id] = member
                     session_hit.setdefault(member.id, []).append(s)
         if not found:
@@ -135,14 +140,9 @@ class Membership:
         # A session key picks that session, unless the target also named the
         # member itself.
         only = None
-        if hits and not (member.display_name == target or _key_matches(member.pubkey, target)):
+        if hits and not (member.display_name == target or key_matches(member.pubkey, target)):
             only = hits
         return member, only
-
-    def _replace_member(self, mesh, member):
-        mesh.put_member(member)
-        for s in mesh.sessions_of(member.id):
-            s.member = member
 
     # -- meshes --------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Membership:
         if isinstance(timestamp, bool) or not isinstance(timestamp, int):
             raise Refusal("malformed", "field 'timestamp' must be an integer (ms)")
         now = self._now()
-        if abs(now - timestamp) > HELLO_SKEW_MS:
+        if abs(now - timestamp) > protocol.SIGNED_SKEW_MS:
             raise Refusal("timestamp_skew", "timestamp is more than 60 s from the broker's clock")
         if not crypto.verify(owner_pubkey, crypto.create_mesh_string(name, owner_pubkey, timestamp),
                              signature):
@@ -186,7 +186,6 @@ class Membership:
 
     @defer.inlineCallbacks
     def create_invite(self, session, frame):
-        self._broker.touch(session)
         self._require_moderator(session, "create invites")
         if session.member.role == "admin" and frame.role != "member":
             raise Refusal("forbidden", "admins can only invite members")
@@ -198,23 +197,25 @@ class Membership:
             session.mesh.id, "invite_created", session.member.id, {
                 "inviteId": invite.id, "role": invite.role, "maxUses": invite.max_uses,
                 "expiresAt": expires_at})])
-        return {"type": "invite_created", "inviteId": invite.id, "expiresAt": expires_at,
-                "role": invite.role, "maxUses": invite.max_uses, "meshId": session.mesh.id,
-                "meshName": session.mesh.name}
+        return protocol.InviteCreated(
+            inviteId=invite.id, expiresAt=expires_at, role=invite.role,
+            maxUses=invite.max_uses, meshId=session.mesh.id,
+            meshName=session.mesh.name).to_wire()
 
     @defer.inlineCallbacks
     def list_invites(self, session, frame):
-        self._broker.touch(session)
         self._require_moderator(session, "list invites")
         invites = yield self._store.list_invites(session.mesh.id)
-        return self._broker.page({"type": "invites_list"}, "invites", invites, lambda i: {
-            "inviteId": i.id, "role": i.role, "maxUses": i.max_uses, "usedCount": i.used_count,
-            "expiresAt": i.expires_at // 1000, "revoked": i.revoked_at is not None,
-        }, lambda i: (i.created_at, i.id), (int, str), frame.cursor)
+        return pages.page(
+            protocol.InvitesList(invites=[]).to_wire(), "invites", invites, self._budget(),
+            lambda i: {
+                "inviteId": i.id, "role": i.role, "maxUses": i.max_uses,
+                "usedCount": i.used_count, "expiresAt": i.expires_at // 1000,
+                "revoked": i.revoked_at is not None,
+            }, lambda i: (i.created_at, i.id), (int, str), frame.cursor)
 
     @defer.inlineCallbacks
     def revoke_invite(self, session, frame):
-        self._broker.touch(session)
         self._require_moderator(session, "revoke invites")
         invite = yield self._store.get_invite(frame.inviteId)
         if invite is None or invite.mesh_id != session.mesh.id:
@@ -223,7 +224,7 @@ class Membership:
             raise Refusal("forbidden", "only the owner can revoke an admin invite")
         yield self._store.revoke_invite(invite.id, self._now(), [self._event(
             session.mesh.id, "invite_revoked", session.member.id, {"inviteId": invite.id})])
-        return {"type": "revoke_invite_ack", "inviteId": invite.id}
+        return protocol.RevokeInviteAck(inviteId=invite.id).to_wire()
 
     # -- joining ---------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class Membership:
         if not (crypto.is_signature(frame.signature)
                 and crypto.verify(frame.pubkey, proof, frame.signature)):
             raise Refusal("bad_proof", "the join signature does not verify with pubkey")
-        if abs(now - frame.timestamp) > HELLO_SKEW_MS:
+        if abs(now - frame.timestamp) > protocol.SIGNED_SKEW_MS:
             raise Refusal("bad_proof", "the join timestamp is more than 60 s from the "
                           "broker's clock")
         invite = yield self._store.get_invite(token["inviteId"])
@@ -258,7 +259,7 @@ class Membership:
             raise Refusal("invite_not_found", "no such invite")
         if invite.mesh_id != token["meshId"]:
             raise Refusal("invite_mesh_mismatch", "the invite belongs to another mesh")
-        mesh = yield self._broker.load_mesh(invite.mesh_id)
+        mesh = yield self._meshes.load(invite.mesh_id)
         inviter = mesh.members.get(invite.created_by) if mesh is not None else None
         # The token must say what the broker's own row says, and be signed by
         # the member who asked for it.
@@ -274,7 +275,7 @@ class Membership:
         existing = mesh.members_by_pubkey.get(frame.pubkey)
         if existing is not None:
             if existing.revoked_at is not None:
-                raise Refusal("revoked", revoked_message(mesh.name),
+                raise Refusal("revoked", protocol.revoked_message(mesh.name),
                               close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
             # Re-joining with the same key is the existing membership, and
             # takes no use of the invite.
@@ -295,7 +296,7 @@ class Membership:
             found = outcome.member
         mesh.put_member(found)
         if found.revoked_at is not None:
-            raise Refusal("revoked", revoked_message(mesh.name),
+            raise Refusal("revoked", protocol.revoked_message(mesh.name),
                           close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
         return self._join_result(mesh, found)
 
@@ -307,7 +308,6 @@ class Membership:
 
     @defer.inlineCallbacks
     def set_role(self, session, frame):
-        self._broker.touch(session)
         if session.member.role != "owner":
             raise Refusal("forbidden", "only the owner can change roles")
         mesh = session.mesh
@@ -321,44 +321,44 @@ class Membership:
             # Both roles change in one transaction: never two owners.
             yield self._store.hand_over_ownership(session.member.id, target.id, self._now(),
                                                   [changed])
-            self._replace_member(mesh, attr.evolve(session.member, role="admin"))
+            mesh.put_member(attr.evolve(session.member, role="admin"))
         else:
             # Invites the target could make and no longer can are revoked
             # with the change (IStore.set_member_role).
             yield self._store.set_member_role(target.id, frame.role, self._now(), [changed])
-        self._replace_member(mesh, attr.evolve(target, role=frame.role))
-        return {"type": "set_role_ack", "target": target.display_name, "role": frame.role}
+        mesh.put_member(attr.evolve(target, role=frame.role))
+        return protocol.SetRoleAck(target=target.display_name, role=frame.role).to_wire()
 
     @defer.inlineCallbacks
     def leave(self, session, frame):
-        self._broker.touch(session)
         member = session.member
         if member.role == "owner":
             raise Refusal("invalid", "the owner must hand ownership over first "
-                          "(set_role <member> owner)")
+                                   "(set_role <member> owner)")
         mesh = session.mesh
         yield self._store.remove_member(member.id, [self._event(
             mesh.id, "member_left", member.id, {"pubkey": member.pubkey})])
-        mesh.members.pop(member.id, None)
-        mesh.members_by_pubkey.pop(member.pubkey, None)
-        self._broker.forget_member_keys(mesh, member.id)
+        mesh.drop_member(member)
+        self._presence.forget_member_keys(mesh, member.id)
         for s in mesh.sessions_of(member.id):
             if s is not session:
-                self._broker.end_connection(s, protocol.CLOSE_NORMAL, "left", "left")
+                self._presence.end_connection(s, protocol.CLOSE_NORMAL, "left", "left")
         # The caller's own session ends once the reply is out.
-        self._broker.clock.callLater(
-            0, self._broker.end_connection, session, protocol.CLOSE_NORMAL, "left", "left")
-        return {"type": "leave_ack"}
+        self._clock.callLater(
+            0, self._presence.end_connection, session, protocol.CLOSE_NORMAL, "left", "left")
+        return protocol.LeaveAck().to_wire()
 
     def list_members(self, session, frame):
-        self._broker.touch(session)
         mesh = session.mesh
         # A watching session (claudemesh ui) does not make its member online.
         online = {s.member.id for s in mesh.sessions.values() if s.live and not s.watch}
         members = [m for m in mesh.members.values() if m.revoked_at is None]
-        return self._broker.page({"type": "members_list"}, "members", members, lambda m: {
-            "name": m.display_name, "memberPubkey": m.pubkey, "role": m.role,
-            "online": m.id in online}, lambda m: (m.joined_at, m.id), (int, str), frame.cursor)
+        return pages.page(
+            protocol.MembersList(members=[]).to_wire(), "members", members, self._budget(),
+            lambda m: {
+                "name": m.display_name, "memberPubkey": m.pubkey, "role": m.role,
+                "online": m.id in online,
+            }, lambda m: (m.joined_at, m.id), (int, str), frame.cursor)
 
     # -- disconnect and kick -------------------------------------------------------------
 
@@ -369,11 +369,9 @@ class Membership:
         return self._remove_sessions(session, frame, "kick")
 
     def _remove_sessions(self, session, frame, verb):
-        broker = self._broker
-        broker.touch(session)
         self._require_moderator(session, verb)
         mesh = session.mesh
-        now = broker.now_ms()
+        now = self._now()
         reason = PAST[verb]
         if frame.target is not None:
             member, only = self.resolve(mesh, frame.target)
@@ -399,40 +397,39 @@ class Membership:
             code, ending = protocol.CLOSE_KICKED, "kicked"
         names = [s.display_name for s in sorted(chosen, key=lambda s: s.display_name)]
         for s in chosen:
-            broker.end_connection(s, code, reason, ending)
+            self._presence.end_connection(s, code, reason, ending)
         if chosen:
             self._audit(mesh.id, "member_%s" % (PAST[verb],), session.member.id, {
                 "targets": sorted({s.member.pubkey for s in chosen}), "count": len(chosen),
                 "reason": reason})
-        return {"type": "%s_ack" % (verb,), "kicked": names, "affected": names}
+        reply = protocol.KickAck if verb == "kick" else protocol.DisconnectAck
+        return reply(kicked=names, affected=names).to_wire()
 
     # -- ban and unban --------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def ban(self, session, frame):
-        broker = self._broker
-        broker.touch(session)
         self._require_moderator(session, "ban")
         mesh = session.mesh
         member, _ = self.resolve(mesh, frame.target)
         self._check_target(session, member, "ban")
-        now = broker.now_ms()
+        now = self._now()
         # One transaction: the revocation, the invite that key came with (a
         # ban is per key) and the audit entry.
         yield self._store.ban_member(member.id, now, [self._event(
             mesh.id, "member_banned", session.member.id, {
                 "target": member.display_name, "targetPubkey": member.pubkey})])
-        self._replace_member(mesh, attr.evolve(member, revoked_at=now))
-        error = protocol.error_frame("revoked", revoked_message(mesh.name))
+        mesh.put_member(attr.evolve(member, revoked_at=now))
+        error = protocol.error_frame("revoked", protocol.revoked_message(mesh.name))
         for s in mesh.sessions_of(member.id):
             if s.live:
                 s.connection.send(error)
-            broker.end_connection(s, protocol.CLOSE_BANNED, protocol.REASON_BANNED, "banned")
-        return {"type": "ban_ack", "banned": member.display_name}
+            self._presence.end_connection(
+                s, protocol.CLOSE_BANNED, protocol.REASON_BANNED, "banned")
+        return protocol.BanAck(banned=member.display_name).to_wire()
 
     @defer.inlineCallbacks
     def unban(self, session, frame):
-        self._broker.touch(session)
         self._require_moderator(session, "unban")
         mesh = session.mesh
         member, _ = self.resolve(mesh, frame.target, revoked=True)
@@ -441,16 +438,18 @@ class Membership:
         yield self._store.unban_member(member.id, [self._event(
             mesh.id, "member_unbanned", session.member.id, {
                 "target": member.display_name, "targetPubkey": member.pubkey})])
-        self._replace_member(mesh, attr.evolve(member, revoked_at=None))
-        return {"type": "unban_ack", "unbanned": member.display_name}
+        mesh.put_member(attr.evolve(member, revoked_at=None))
+        return protocol.UnbanAck(unbanned=member.display_name).to_wire()
 
     def list_bans(self, session, frame):
-        self._broker.touch(session)
         self._require_moderator(session, "list bans")
         banned = [m for m in session.mesh.members.values() if m.revoked_at is not None]
-        return self._broker.page({"type": "list_bans_result"}, "bans", banned, lambda m: {
-            "name": m.display_name, "pubkey": m.pubkey, "revokedAt": iso_millis(m.revoked_at),
-        }, lambda m: (m.revoked_at, m.id), (int, str), frame.cursor)
+        return pages.page(
+            protocol.ListBansResult(bans=[]).to_wire(), "bans", banned, self._budget(),
+            lambda m: {
+                "name": m.display_name, "pubkey": m.pubkey,
+                "revokedAt": iso_millis(m.revoked_at),
+            }, lambda m: (m.revoked_at, m.id), (int, str), frame.cursor)
 
 
 def token_matches(expected, authorization):

@@ -17,8 +17,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from claudemesh import protocol
-from claudemesh.broker.core import Refusal
-from claudemesh.broker.hook import json_response
+from claudemesh.broker.hookroute import json_response
 from claudemesh.broker.membership import token_matches
 from claudemesh.protocol import has_lone_surrogate
 
@@ -75,7 +74,7 @@ class _JSONPost(resource.Resource):
             request.finish()
 
         def refused(f):
-            f.trap(Refusal)
+            f.trap(protocol.Refusal)
             request.write(json_response(request, HTTP_STATUS.get(f.value.code, 400), {
                 "error": f.value.code, "message": f.value.message}))
             request.finish()
@@ -108,9 +107,9 @@ class MeshCreationResource(_JSONPost):
             authorization = (request.getHeader(b"authorization") or b"").decode(
                 "latin-1")
             if not token_matches(self._token, authorization):
-                raise Refusal("unauthorized", "a valid admin token is required")
+                raise protocol.Refusal("unauthorized", "a valid admin token is required")
         elif any(request.getHeader(h) is not None for h in FORWARDING_HEADERS):
-            raise Refusal("unauthorized", "open mesh creation is for local clients only")
+            raise protocol.Refusal("unauthorized", "open mesh creation is for local clients only")
         return self._membership.create_mesh(document)
 
 
@@ -126,12 +125,8 @@ class JoinResource(_JSONPost):
 
     def answer(self, request, document):
         if not isinstance(document, dict):
-            raise Refusal("malformed", "body must be a JSON object")
+            raise protocol.Refusal("malformed", "body must be a JSON object")
         # The same validation as the WebSocket frame.
         document = dict(document, type="join")
         document.pop("_reqId", None)
-        try:
-            frame = protocol.decode(json.dumps(document))
-        except protocol.FrameError as e:
-            raise Refusal(e.code, e.message) from None
-        return self._membership.join(frame)
+        return self._membership.join(protocol.decode(json.dumps(document)))

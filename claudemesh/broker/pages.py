@@ -22,12 +22,6 @@ SHORTENED_TEXT = 64
 MAX_CURSOR_LENGTH = protocol.MAX_CURSOR_LENGTH
 
 
-class BadCursor(ValueError):
-    """
-    A cursor this broker did not make (answered C{error malformed}).
-    """
-
-
 def size_of(value) -> int:
     """
     The bytes C{value} takes in a frame.
@@ -44,7 +38,8 @@ def after_cursor(cursor, shape):
     The sort key a C{cursor} names, checked against C{shape} (the type of
     each part), or C{None} for no cursor.
 
-    @raise BadCursor: for anything the broker did not make.
+    @raise protocol.Refusal: C{malformed}, for anything the broker did not
+        make.
     """
     if cursor is None:
         return None
@@ -55,7 +50,7 @@ def after_cursor(cursor, shape):
     if not (isinstance(key, list) and len(key) == len(shape) and all(
             isinstance(part, kind) and not isinstance(part, bool)
             for part, kind in zip(key, shape))):
-        raise BadCursor("field 'cursor' is not a cursor this broker gave")
+        raise protocol.Refusal("malformed", "field 'cursor' is not a cursor this broker gave")
     return tuple(key)
 
 

@@ -1,5 +1,11 @@
 """
-The status rules of DESIGN section 4.3, as pure functions of their inputs.
+Status: what each session says it is doing (status, summary, groups), and
+the rules that decide which signal wins.
+
+The rules are pure functions of their inputs (L{apply_signal}, L{decay},
+L{may_receive}); L{StatusBoard} applies them to sessions, answers
+C{set_status}, C{set_summary}, C{join_group} and C{leave_group}, decays
+C{working} on a timer, and tells the watching sessions what changed.
 
 Sources rank hook > manual > jsonl. A signal of equal or higher rank replaces
 the status. A lower-rank signal applies only once the current status is older
@@ -10,6 +16,11 @@ manual signal.
 """
 
 import attr
+
+from claudemesh import protocol
+from claudemesh.audit import iso_millis
+from claudemesh.broker import pages
+from claudemesh.broker.events import broadcast_system
 
 RANK = {"jsonl": 1, "manual": 2, "hook": 3}
 # What each status lets through (DESIGN section 4.2 gating).
@@ -56,3 +67,145 @@ def decay(current, now, ttl_ms):
 
 def may_receive(status, priority) -> bool:
     return priority in DELIVERABLE[status]
+
+
+def _group_entry(name, role):
+    entry = {"name": name}
+    if role:
+        entry["role"] = role
+    return entry
+
+
+def peer_row(session):
+    """
+    The C{peers_list} entry of a session (also the data of C{peer_status}).
+    """
+    s = session
+    peer = {
+        "pubkey": s.pubkey,
+        "memberPubkey": s.member.pubkey,
+        "displayName": s.display_name,
+        "role": s.member.role,
+        "status": s.status.status,
+        "summary": s.summary,
+        "groups": [_group_entry(name, role) for name, role in sorted(s.groups.items())],
+        "sessionId": s.session_id,
+        "connectedAt": iso_millis(s.connected_at),
+        "cwd": s.cwd,
+        "online": s.live,
+        "statusSource": s.status.source,
+        "statusUpdatedAt": iso_millis(s.status.updated_at),
+    }
+    for key, value in (("hostname", s.hostname), ("peerType", s.peer_type),
+                       ("channel", s.channel), ("model", s.model)):
+        if value is not None:
+            peer[key] = value
+    return peer
+
+
+class StatusBoard:
+    """
+    The status part of the broker core.
+
+    @param delivery: woken when a session turns idle or joins a group, since
+        held deliveries may then go out.
+    """
+
+    def __init__(self, meshes, writes, delivery, clock, settings):
+        self._meshes = meshes
+        self._writes = writes
+        self._delivery = delivery
+        self._clock = clock
+        self._settings = settings
+
+    def _now(self):
+        return int(self._clock.seconds() * 1000)
+
+    def _own_targets(self, session, session_id, all_sessions):
+        if all_sessions:
+            # "All my sessions" are the member's peers, not a watching UI.
+            return [s for s in session.mesh.sessions_of(session.member.id) if not s.watch]
+        if session_id is None or session_id == session.session_id:
+            return [session]
+        for s in session.mesh.sessions_of(session.member.id):
+            if s.session_id == session_id:
+                return [s]
+        raise protocol.Refusal("not_found", "no session %r of yours is connected" % (session_id,))
+
+    def set_status(self, session, frame):
+        for target in self._own_targets(session, frame.sessionId, frame.all):
+            self.signal(target, frame.status, frame.source)
+
+    def signal(self, session, status, source):
+        """
+        Apply a status signal from C{source}; C{True} when it changed the
+        session's status state.
+        """
+        now = self._now()
+        window = self._settings.hook_fresh_window_seconds * 1000
+        new = apply_signal(session.status, status, source, now, window)
+        if new is None:
+            return False
+        self._set(session, new)
+        return True
+
+    def _set(self, session, new):
+        before = session.status.status
+        session.status = new
+        self._writes.update_session(session.presence_id, {
+            "status": new.status, "status_source": new.source,
+            "status_updated_at": new.updated_at})
+        self._tell_watchers(session)
+        if new.status == "idle" and before != "idle":
+            # Held deliveries go out when the recipient turns idle.
+            self._delivery.wake(session)
+
+    def set_summary(self, session, frame):
+        for target in self._own_targets(session, frame.sessionId, frame.all):
+            target.summary = frame.summary
+            self._writes.update_session(target.presence_id, {"summary": frame.summary})
+            self._tell_watchers(target)
+
+    def join_group(self, session, frame):
+        if frame.name not in session.groups and len(session.groups) >= protocol.MAX_GROUPS:
+            # The same cap as a hello's: a session's groups go into every
+            # peers_list row and presence event about it (issue 11).
+            raise protocol.Refusal(
+                "too_many_groups", "a session holds at most %d groups; leave one first"
+                % (protocol.MAX_GROUPS,))
+        session.groups[frame.name] = frame.role
+        self._writes.update_session(session.presence_id, {"groups": tuple(sorted(session.groups))})
+        self._tell_watchers(session)
+        # Deliveries to @that-group may be waiting for a session in it.
+        self._delivery.wake(session)
+
+    def leave_group(self, session, frame):
+        if frame.name in session.groups:
+            del session.groups[frame.name]
+            self._writes.update_session(
+                session.presence_id, {"groups": tuple(sorted(session.groups))})
+            self._tell_watchers(session)
+
+    def _tell_watchers(self, session):
+        """
+        Tell the watching sessions that C{session}'s status, summary or
+        groups changed (C{peer_status}, carrying its C{peers_list} row).
+        """
+        if session.announced:
+            row = peer_row(session)
+            budget = self._settings.max_message_bytes
+            if budget and pages.size_of(row) > budget:
+                # As in peers_list: a row too large for a frame goes shortened.
+                row = pages.shortened(row)
+            broadcast_system(session, "peer_status", row, self._now(), watchers_only=True)
+
+    def sweep(self):
+        """
+        C{working} without a refresh for the TTL decays to C{idle}.
+        """
+        now = self._now()
+        ttl = self._settings.status_ttl_seconds * 1000
+        for session in self._meshes.sessions():
+            new = decay(session.status, now, ttl)
+            if new is not None:
+                self._set(session, new)

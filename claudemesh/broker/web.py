@@ -7,7 +7,7 @@ Routes (DESIGN section 7)::
     /health         GET liveness: always 200 while the process serves HTTP
     /health/ready   GET readiness: 503 while the store is unreachable
     /metrics        GET Prometheus text exposition of the broker's registry
-    /hook/set-status  POST, the Claude Code hook (claudemesh.broker.hook)
+    /hook/set-status  POST, the Claude Code hook (claudemesh.broker.hookroute)
     /meshes           POST, create a mesh (claudemesh.broker.meshroutes)
     /join             POST, join with an invite (claudemesh.broker.meshroutes)
 
@@ -18,8 +18,6 @@ answers except C{/metrics} are JSON.
 
 import json
 
-from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory
 from prometheus_client import CollectorRegistry, Gauge, Info
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -29,14 +27,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from claudemesh import __version__
-from claudemesh.broker.hook import HookStatusResource
+from claudemesh.broker.hookroute import HookStatusResource
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
-from claudemesh.broker.ws import (
-    AdmittingWebSocketResource,
-    BrokerServerFactory,
-    configure_ws_factory,
-)
-from claudemesh.broker.ws_stub import UnwiredBrokerProtocol
+from claudemesh.broker.ws import AdmittingWebSocketResource
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -383,45 +376,21 @@ class BrokerSite(Site):
         """
 
 
-def make_ws_factory(settings, reactor, protocol=UnwiredBrokerProtocol):
-    """
-    Build the WebSocket server factory mounted at C{/ws}.
-
-    @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
-    @param reactor: the reactor Autobahn schedules its pings and timeouts on.
-    @param protocol: the protocol class; the stub until the broker core is
-        wired in.
-    @return: a configured L{WebSocketServerFactory}.
-    """
-    factory = WebSocketServerFactory(
-        server="claudemesh/" + __version__, reactor=reactor
-    )
-    factory.protocol = protocol
-    # The Site logs its own start; one "Starting factory" line per start adds
-    # nothing.
-    factory.noisy = False
-    configure_ws_factory(factory, settings)
-    return factory
-
-
-def make_site(health, clock, settings, registry=None, ws_factory=None, broker=None,
-              admin_token=None):
+def make_site(health, clock, settings, broker, ws_factory, registry=None, admin_token=None):
     """
     Build the broker's L{BrokerSite} with its whole resource tree.
 
     @param health: the broker's L{StoreHealth}.
-    @param clock: an L{twisted.internet.interfaces.IReactorTime}; also the
-        reactor of the stub WebSocket factory when C{ws_factory} is C{None}.
+    @param clock: an L{twisted.internet.interfaces.IReactorTime}.
     @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
+    @param broker: the L{claudemesh.broker.core.Broker} behind the routes
+        (C{/hook/set-status}, C{/meshes}, C{/join}).
+    @param ws_factory: the L{BrokerServerFactory} for C{/ws}. Twisted's
+        L{Site} does not start or stop factories wrapped in a
+        L{WebSocketResource}: the caller does (see
+        L{claudemesh.broker.tap.WebSocketFactoryService}).
     @param registry: the L{CollectorRegistry} served at C{/metrics}; a new
         one carrying L{register_health_metrics} when C{None}.
-    @param ws_factory: the WebSocket factory for C{/ws}; the stub one of
-        L{make_ws_factory} when C{None}. Twisted's L{Site} does not start or
-        stop factories wrapped in a L{WebSocketResource}: the caller does
-        (see L{claudemesh.broker.tap.WebSocketFactoryService}).
-    @param broker: the L{claudemesh.broker.core.Broker} behind the routes that
-        act on it (C{/hook/set-status}, C{/meshes}, C{/join}); they are absent
-        without one.
     @param admin_token: the token C{POST /meshes} requires, or C{None} when
         creation is open to local clients
         (L{claudemesh.broker.tap.resolve_admin_token} decides).
@@ -431,26 +400,21 @@ def make_site(health, clock, settings, registry=None, ws_factory=None, broker=No
     if registry is None:
         registry = CollectorRegistry()
         register_health_metrics(registry, health)
-    if ws_factory is None:
-        ws_factory = make_ws_factory(settings, clock)
     started_at = clock.seconds()
     root = BrokerRoot()
     health_resource = HealthResource(health, clock, started_at)
     health_resource.putChild(b"ready", ReadinessResource(health, clock, started_at))
     root.putChild(b"health", health_resource)
     root.putChild(b"metrics", MetricsResource(registry))
-    if isinstance(ws_factory, BrokerServerFactory):
-        # The broker's own factory: per-address limits before the upgrade.
-        root.putChild(b"ws", AdmittingWebSocketResource(ws_factory))
-    else:
-        root.putChild(b"ws", WebSocketResource(ws_factory))
-    if broker is not None:
-        hook = NotFoundResource()
-        hook.putChild(b"set-status", HookStatusResource(broker, settings.max_message_bytes))
-        root.putChild(b"hook", hook)
-        root.putChild(b"meshes", MeshCreationResource(
-            broker.membership, admin_token, settings.max_message_bytes))
-        root.putChild(b"join", JoinResource(broker.membership, settings.max_message_bytes))
+    # Per-address limits are checked before the upgrade.
+    root.putChild(b"ws", AdmittingWebSocketResource(ws_factory))
+    hook = NotFoundResource()
+    hook.putChild(b"set-status", HookStatusResource(
+        broker.hooks, broker.metrics, settings.max_message_bytes))
+    root.putChild(b"hook", hook)
+    root.putChild(b"meshes", MeshCreationResource(
+        broker.membership, admin_token, settings.max_message_bytes))
+    root.putChild(b"join", JoinResource(broker.membership, settings.max_message_bytes))
     site = BrokerSite(root, reactor=clock)
     site.noisy = False
     site.ws_factory = ws_factory

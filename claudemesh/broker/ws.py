@@ -1,7 +1,8 @@
 """
 The WebSocket protocol at C{/ws}: decode, validate, dispatch to the broker
-core, send the reply. Thin on purpose; the rules live in
-L{claudemesh.broker.core}.
+core, send the reply. Thin on purpose; the rules live in the core's parts
+(L{claudemesh.broker.core}), and the dispatcher here is the one place that
+notes a session's activity and turns refusals into C{error} frames.
 
 Every frame is answered when it is wrong: C{error malformed} naming the
 field, C{error unknown_type}, C{error no_hello} before a successful hello. A
@@ -23,8 +24,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from claudemesh import __version__, protocol
-from claudemesh.broker.core import IPeerConnection, Refusal
 from claudemesh.broker.limits import AddressLimits
+from claudemesh.broker.sessions import IPeerConnection
 from claudemesh.store.interface import StoreUnavailable
 
 ERROR_FLOOD_COUNT = 100
@@ -32,32 +33,6 @@ ERROR_FLOOD_SECONDS = 10.0
 # How long an address that flooded is refused new connections (HTTP 429).
 FLOOD_PENALTY_SECONDS = 10.0
 LIMITS_SWEEP_SECONDS = 60.0
-
-# Frames accepted after a successful hello: type -> (part of the core, method).
-AFTER_HELLO = {
-    "send": ("broker", "send"),
-    "client_ack": ("broker", "client_ack"),
-    "set_status": ("broker", "set_status"),
-    "set_summary": ("broker", "set_summary"),
-    "list_peers": ("broker", "list_peers"),
-    "join_group": ("broker", "join_group"),
-    "leave_group": ("broker", "leave_group"),
-    "message_status": ("broker", "message_status"),
-    "audit_query": ("broker", "audit_query"),
-    "audit_verify": ("broker", "audit_verify"),
-    "create_invite": ("membership", "create_invite"),
-    "list_invites": ("membership", "list_invites"),
-    "revoke_invite": ("membership", "revoke_invite"),
-    "set_role": ("membership", "set_role"),
-    "leave": ("membership", "leave"),
-    "list_members": ("membership", "list_members"),
-    "disconnect": ("membership", "disconnect"),
-    "kick": ("membership", "kick"),
-    "ban": ("membership", "ban"),
-    "unban": ("membership", "unban"),
-    "list_bans": ("membership", "list_bans"),
-}
-
 
 @implementer(IPeerConnection)
 class BrokerServerProtocol(WebSocketServerProtocol):
@@ -108,7 +83,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
                 self._log.info("closing a slow consumer at {peer}", peer=self.peer_address)
                 session = self._session
                 if session is not None:
-                    self.factory.broker.end_connection(
+                    self.factory.broker.presence.end_connection(
                         session, protocol.CLOSE_SLOW_CONSUMER, "slow_consumer", "grace")
                 else:
                     self.close(protocol.CLOSE_SLOW_CONSUMER, "slow_consumer")
@@ -131,7 +106,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             address = limits.client_address(request.peer, request.headers.get("x-forwarded-for"))
             refusal = limits.admit(address)
             if refusal is not None:
-                self.factory.broker.count_rejected(refusal)
+                self.factory.broker.presence.count_rejected(refusal)
                 # Answered as HTTP 429 before the upgrade.
                 raise ConnectionDeny(429, refusal)
             self._address = address
@@ -154,7 +129,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._received(payload, isBinary)
         except Exception:
             self._log.failure("handling a frame failed")
-            self._error(protocol.FrameError("internal", "the broker failed on this frame"))
+            self._error(protocol.Refusal("internal", "the broker failed on this frame"))
 
     def onClose(self, wasClean, code, reason):
         if self._address is not None:
@@ -167,14 +142,13 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             # goodbye; anything else (a drop, a timeout) may come back.
             clean = bool(wasClean) and code in (1000, 1001) and not self.closedByMe
             try:
-                self.factory.broker.connection_lost(session, self, clean)
+                self.factory.broker.presence.connection_lost(session, self, clean)
             except Exception:
                 self._log.failure("ending a session failed")
 
     # -- dispatch ------------------------------------------------------------------
 
     def _received(self, payload, is_binary):
-        broker = self.factory.broker
         limit = self.factory.max_message_bytes
         if limit and len(payload) > limit:
             # A fragmented message may pass Autobahn's own (outbound-sized)
@@ -182,14 +156,14 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self.close(protocol.CLOSE_TOO_BIG, "message too big")
             return
         if is_binary:
-            self._error(protocol.FrameError("malformed", "binary frames are not accepted"))
+            self._error(protocol.Refusal("malformed", "binary frames are not accepted"))
             return
         try:
             frame = protocol.decode(payload.decode("utf-8"))
         except UnicodeDecodeError:
-            self._error(protocol.FrameError("malformed", "frame is not UTF-8"))
+            self._error(protocol.Refusal("malformed", "frame is not UTF-8"))
             return
-        except protocol.FrameError as e:
+        except protocol.Refusal as e:
             self._error(e)
             return
         session = self._session
@@ -199,48 +173,49 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             elif frame.TYPE == "join":
                 self._join(frame)
             else:
-                self._error(protocol.FrameError(
-                    "no_hello", "must send hello first", frame_req_id(frame)))
+                self._error(protocol.Refusal(
+                    "no_hello", "must send hello first", req_id=frame_req_id(frame)))
             return
         if frame.TYPE == "hello":
-            self._error(protocol.FrameError(
-                "invalid", "hello already done on this connection", frame_req_id(frame)))
+            self._error(protocol.Refusal(
+                "invalid", "hello already done on this connection", req_id=frame_req_id(frame)))
             return
-        route = AFTER_HELLO.get(frame.TYPE)
-        if route is None:
+        handler = self.factory.handlers.get(frame.TYPE)
+        if handler is None:
             # join: only before hello (found by tests/test_fuzz.py).
-            self._error(protocol.FrameError(
+            self._error(protocol.Refusal(
                 "invalid", "%s is only accepted before hello" % (frame.TYPE,),
-                frame_req_id(frame)))
+                req_id=frame_req_id(frame)))
             return
-        part, name = route
-        method = getattr(broker if part == "broker" else broker.membership, name)
-        d = defer.maybeDeferred(method, session, frame)
+        # Every application frame counts as activity ("stale" counts from
+        # the last one).
+        session.last_active_at = int(self.factory.clock.seconds() * 1000)
+        d = defer.maybeDeferred(handler, session, frame)
         d.addCallbacks(self._reply, self._refused, callbackArgs=(frame,),
                        errbackArgs=(frame,))
         d.addErrback(self._failed, frame)
 
     def _hello(self, frame):
         self._hello_running = True
-        broker = self.factory.broker
-        d = broker.hello(self, frame)
+        presence = self.factory.broker.presence
+        d = presence.hello(self, frame)
 
         def accepted(result):
             self._hello_running = False
             session, ack = result
             if self.state != WebSocketServerProtocol.STATE_OPEN:
                 # The client left while we checked it.
-                broker.connection_lost(session, self, clean=False)
+                presence.connection_lost(session, self, clean=False)
                 return
             self._session = session
             self._reply(ack, frame)
-            broker.session_ready(session)
+            presence.ready(session)
 
         def refused(f):
             self._hello_running = False
-            f.trap(Refusal)
+            f.trap(protocol.Refusal)
             refusal = f.value
-            self.send(protocol.error_frame(refusal.code, refusal.message, frame._reqId))
+            self.send(refusal.frame(frame._reqId))
             if refusal.close is not None:
                 self.close(*refusal.close)
 
@@ -251,14 +226,12 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         d = self.factory.broker.membership.join(frame)
 
         def joined(result):
-            reply = {"type": "join_ack"}
-            reply.update(result)
-            self._reply(reply, frame)
+            self._reply(protocol.JoinAck(**result).to_wire(), frame)
 
         def refused(f):
-            f.trap(Refusal)
+            f.trap(protocol.Refusal)
             refusal = f.value
-            self._error(protocol.FrameError(refusal.code, refusal.message, frame._reqId))
+            self._error(refusal, frame_req_id(frame))
             if refusal.close is not None:
                 self.close(*refusal.close)
 
@@ -285,10 +258,8 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._count_error()
 
     def _refused(self, f, frame):
-        f.trap(Refusal)
-        refusal = f.value
-        self._error(protocol.FrameError(refusal.code, refusal.message, frame_req_id(frame)),
-                    **refusal.extra)
+        f.trap(protocol.Refusal)
+        self._error(f.value, frame_req_id(frame))
 
     def _failed(self, f, frame):
         """
@@ -303,14 +274,15 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             code, message = "internal", "the broker could not complete this request"
         self.send(protocol.error_frame(code, message, frame_req_id(frame)))
 
-    def _error(self, error, **extra):
+    def _error(self, refusal, req_id=None):
+        """
+        Answer a refused frame with its C{error} frame, and count it toward
+        the error flood.
+        """
         metrics = self.factory.broker.metrics
         if metrics is not None:
-            metrics.frame_errors.labels(error.code).inc()
-        reply = protocol.error_frame(error.code, error.message, error.req_id, **extra)
-        if error.send_id is not None:
-            reply["id"] = error.send_id
-        self.send(reply)
+            metrics.frame_errors.labels(refusal.code).inc()
+        self.send(refusal.frame(req_id))
         self._count_error()
 
     def _count_error(self):
@@ -341,8 +313,7 @@ def outbound_limit(max_message_bytes):
 
 def configure_ws_factory(factory, settings):
     """
-    Apply the broker's WebSocket options to an Autobahn server factory (the
-    stub one here and the real one of L{claudemesh.broker.ws}).
+    Apply the broker's WebSocket options to an Autobahn server factory.
 
     @param factory: a L{WebSocketServerFactory}.
     @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
@@ -391,7 +362,7 @@ class _Backpressure:
         session = protocol_._session
         if session is not None:
             try:
-                protocol_.factory.broker.connection_writable(session)
+                protocol_.factory.broker.delivery.writable(session)
             except Exception:
                 protocol_._log.failure("pushing held deliveries failed")
 
@@ -419,7 +390,7 @@ class AdmittingWebSocketResource(WebSocketResource):
             forwarded.decode("latin-1") if forwarded else None)
         refusal = factory.limits.admit(address)
         if refusal is not None:
-            factory.broker.count_rejected(refusal)
+            factory.broker.presence.count_rejected(refusal)
             request.setResponseCode(429)
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"connection", b"close")
@@ -454,6 +425,8 @@ class BrokerServerFactory(WebSocketServerFactory):
         WebSocketServerFactory.__init__(
             self, url, server="claudemesh/" + __version__, reactor=clock)
         self.broker = broker
+        # Frame type -> the bound method of the core part that answers it.
+        self.handlers = broker.handlers()
         # The error-flood window reads this clock so tests can drive it.
         self.clock = clock
         self.noisy = False

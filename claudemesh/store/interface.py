@@ -237,10 +237,9 @@ class IStore(Interface):
     def write_batch(batch):
         """
         Apply a L{WriteBatch} in one transaction: either all of it is stored
-        or none of it.
+        or none of it. Its claims run last and see its writes.
 
-        @return: a L{Deferred} firing with the L{EnqueueResult}s of its
-            messages, in order.
+        @return: a L{Deferred} firing with a L{BatchOutcome}.
         """
 
     def claim_deliveries(request):

@@ -197,6 +197,17 @@ class ClaimedDelivery:
     seq: int
     attempts: int
 
+    @classmethod
+    def fresh(cls, message, delivery, seq):
+        """
+        The row a claim would return for a L{NewDelivery} of a L{NewMessage}
+        leased at once (stored with its first attempt).
+        """
+        return cls(message.id, delivery.recipient_key, delivery.recipient_kind,
+                   message.mesh_id, delivery.member_id, message.sender_pubkey,
+                   message.sender_member_pubkey, message.target_spec, message.priority,
+                   message.nonce, message.ciphertext, message.created_at, seq, 1)
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class SessionKeyBinding:
@@ -268,7 +279,7 @@ class WriteBatch:
     Everything the broker writes in one group commit, applied in this order
     in one transaction: sessions opened, messages (with deliveries, send keys)
     and audit events, session updates, acknowledgements, lease releases,
-    sessions closed.
+    sessions closed; then the claims, which see all of it.
 
     @ivar updates: C{[(presence_id, {column: value})]} as for
         L{IStore.update_sessions}.
@@ -284,4 +295,16 @@ class WriteBatch:
     acks: tuple = ()
     releases: tuple = ()
     closes: tuple = ()
+    claims: tuple = ()
     now: int = 0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class BatchOutcome:
+    """
+    What a L{WriteBatch} gave: one L{EnqueueResult} per message and one list
+    of L{ClaimedDelivery} per claim, in order.
+    """
+
+    enqueued: list
+    claimed: list

@@ -27,6 +27,7 @@ import time
 from zope.interface import implementer
 
 from claudemesh.store.interface import IStore
+from claudemesh.store.records import BatchOutcome
 from claudemesh.store.sql.audit import AuditStore
 from claudemesh.store.sql.meshes import MeshStore
 from claudemesh.store.sql.messages import MessageStore, ack_deliveries_txn, enqueue_txn
@@ -128,4 +129,10 @@ class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore):
             closes.setdefault(when, []).append(presence_id)
         for when, presence_ids in closes.items():
             yield from close_sessions_txn(presence_ids, when)
-        return results
+        claimed = []
+        for request in batch.claims:
+            rows = []
+            if request.priorities and request.limit > 0:
+                rows = yield from dialect.claim_txn(request)
+            claimed.append(rows)
+        return BatchOutcome(results, claimed)

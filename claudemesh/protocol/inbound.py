@@ -1,12 +1,11 @@
 """
-The wire protocol: inbound frame types, their validation, error and close
-codes. No I/O here.
+Inbound frames: their types, field checks and L{decode}.
 
 Every frame is one JSON object with a C{type}. L{decode} turns the text of a
-frame into one of the attrs classes below, or raises L{FrameError} carrying
+frame into one of the attrs classes below, or raises L{Refusal} carrying
 the exact error code (C{malformed} naming the field, C{unknown_type}) so the
 WebSocket protocol can answer every bad frame. Field names are the wire names
-(camelCase), so a reader can match this file against DESIGN section 4.
+(camelCase), as in docs/protocol.md.
 """
 
 import json
@@ -14,95 +13,24 @@ import re
 
 import attr
 
-# -- close codes (DESIGN section 4.4) --------------------------------------
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_KICKED = 4001
-CLOSE_BANNED = 4002
-CLOSE_SLOW_CONSUMER = 4003
-
-REASON_SESSION_REPLACED = "session_replaced"
-REASON_DISCONNECTED = "disconnected"
-REASON_KICKED = "kicked"
-REASON_BANNED = "banned"
-REASON_SHUTTING_DOWN = "shutting down"
-REASON_FLOOD = "flood"
-
-# -- priorities, statuses ---------------------------------------------------
-
-PRIORITIES = ("now", "next", "low")
-STATUSES = ("idle", "working", "dnd")
-# set_status over the WebSocket may claim these sources; "hook" only arrives
-# through the authenticated /hook/set-status route.
-WS_STATUS_SOURCES = ("manual", "jsonl")
-ROLES = ("owner", "admin", "member")
-
-# How much larger than the send frame that carried it a push may be: the
-# push repeats targetSpec, priority, nonce and ciphertext (each encoded no
-# longer than the sender had to encode it) and adds messageId, meshId (an id,
-# at most 128 characters), senderPubkey, senderMemberPubkey, createdAt and
-# seq: under 500 bytes. The broker's outbound frame limit is its inbound
-# limit plus this, so every send it accepts can be pushed (issue 11).
-PUSH_ENVELOPE_BYTES = 1024
-
-MAX_ID_LENGTH = 128
-MAX_NAME_LENGTH = 64
-MAX_SUMMARY_LENGTH = 1024
-MAX_PATH_LENGTH = 4096
-MAX_GROUP_LENGTH = 128
-# A page cursor (claudemesh.broker.pages): opaque to clients.
-MAX_CURSOR_LENGTH = 256
-# Groups one session may hold, from its hello and join_group alike.
-MAX_GROUPS = 64
-# Integers on the wire stay within what every JSON parser and both
-# databases hold exactly (issue 11: an offset of 10^30 overflowed SQLite).
-MAX_SAFE_INTEGER = 2**53 - 1
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# The shape of ids the broker makes (mesh, member, message, invite ids): no
-# NUL, no '|' (the separator of signed strings), no '/' (which every
-# claudemesh-…/1 domain tag holds), so no other signed string parses as a
-# hello (docs/protocol.md).
-_ID = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
-_GROUP = re.compile(r"\A[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*\Z")
-
-
-class FrameError(Exception):
-    """
-    A frame that cannot be accepted; becomes C{error {code, message}}.
-
-    @ivar req_id: the frame's C{_reqId} when it could be read, so the error
-        can be correlated.
-    @ivar send_id: the frame's C{id} for a C{send}, echoed on its refusal.
-    """
-
-    def __init__(self, code, message, req_id=None, send_id=None):
-        Exception.__init__(self, code, message)
-        self.code = code
-        self.message = message
-        self.req_id = req_id
-        self.send_id = send_id
-
-
-def is_valid_name(value) -> bool:
-    """
-    Display and mesh names: 1-64 characters, no C{|}, no control characters.
-    """
-    return (
-        isinstance(value, str)
-        and 1 <= len(value) <= MAX_NAME_LENGTH
-        and "|" not in value
-        and not _CONTROL.search(value)
-    )
-
-
-def is_valid_group(value) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_GROUP_LENGTH and bool(
-        _GROUP.match(value)
-    )
-
+from claudemesh.protocol.codes import (
+    MAX_CURSOR_LENGTH,
+    MAX_GROUPS,
+    MAX_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PATH_LENGTH,
+    MAX_SAFE_INTEGER,
+    MAX_SUMMARY_LENGTH,
+    PRIORITIES,
+    ROLES,
+    STATUSES,
+    WS_STATUS_SOURCES,
+    Refusal,
+    has_nul,
+    is_valid_group,
+    is_valid_id,
+    is_valid_name,
+)
 
 # -- field checks -------------------------------------------------------------
 # Each check takes (name, value) and returns the value to keep, or raises
@@ -116,14 +44,6 @@ class _Bad(Exception):
 _MISSING = object()
 
 
-def has_nul(value) -> bool:
-    """
-    Whether text holds U+0000, which Postgres cannot store in a text column
-    (and which no field of the protocol has a use for).
-    """
-    return "\x00" in value
-
-
 def _text(max_length, min_length=0):
     def check(value):
         if not isinstance(value, str):
@@ -135,10 +55,6 @@ def _text(max_length, min_length=0):
         return value
 
     return check
-
-
-def is_valid_id(value) -> bool:
-    return isinstance(value, str) and _ID.match(value) is not None
 
 
 def _identifier(value):
@@ -382,17 +298,17 @@ def decode(text, max_bytes=None):
     Parse and validate one text frame.
 
     @return: an instance of the registered class for its C{type}.
-    @raise FrameError: C{malformed} (naming the field) or C{unknown_type}.
+    @raise Refusal: C{malformed} (naming the field) or C{unknown_type}.
     """
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
-        raise FrameError("malformed", "frame is not valid JSON") from None
+        raise Refusal("malformed", "frame is not valid JSON") from None
     if _SURROGATE_ESCAPE.search(text) and has_lone_surrogate(obj):
         # Checked before anything is echoed (the _reqId could hold one).
-        raise FrameError("malformed", "frame holds an unpaired UTF-16 surrogate escape")
+        raise Refusal("malformed", "frame holds an unpaired UTF-16 surrogate escape")
     if not isinstance(obj, dict):
-        raise FrameError("malformed", "frame must be a JSON object")
+        raise Refusal("malformed", "frame must be a JSON object")
     req_id = obj.get("_reqId")
     if not (isinstance(req_id, str) and len(req_id) <= MAX_ID_LENGTH and not has_nul(req_id)):
         req_id = None
@@ -404,9 +320,9 @@ def decode(text, max_bytes=None):
         send_id = None
     if cls is None:
         if not isinstance(type_name, str):
-            raise FrameError("malformed", "field 'type' must be a string", req_id)
-        raise FrameError(
-            "unknown_type", "unknown frame type %r" % (type_name[:64],), req_id
+            raise Refusal("malformed", "field 'type' must be a string", req_id=req_id)
+        raise Refusal(
+            "unknown_type", "unknown frame type %r" % (type_name[:64],), req_id=req_id
         )
     values = {}
     for attribute in attr.fields(cls):
@@ -414,33 +330,18 @@ def decode(text, max_bytes=None):
         raw = obj.get(wire, _MISSING)
         if raw is _MISSING or raw is None:
             if attribute.default is attr.NOTHING:
-                raise FrameError(
-                    "malformed", "field %r is required" % (wire,), req_id, send_id
-                )
+                raise Refusal(
+                    "malformed", "field %r is required" % (wire,), req_id=req_id,
+                    send_id=send_id)
             continue
         try:
             value = attribute.metadata["check"](raw)
         except _Bad as e:
-            raise FrameError(
-                "malformed", "field %r %s" % (wire, e.args[0]), req_id, send_id
-            ) from None
+            raise Refusal(
+                "malformed", "field %r %s" % (wire, e.args[0]), req_id=req_id,
+                send_id=send_id) from None
         values[wire.lstrip("_")] = value
     return cls(**values)
-
-
-def encode(message: dict) -> bytes:
-    """
-    Serialise an outbound frame once, compactly, as UTF-8.
-    """
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def error_frame(code, message, req_id=None, **extra):
-    reply = {"type": "error", "code": code, "message": message}
-    reply.update(extra)
-    if req_id is not None:
-        reply["_reqId"] = req_id
-    return reply
 
 
 # -- membership and moderation (DESIGN section 5) ---------------------------
@@ -515,9 +416,9 @@ class _Selection:
     def __attrs_post_init__(self):
         chosen = [self.target is not None, self.stale is not None, bool(self.all)]
         if sum(chosen) != 1:
-            raise FrameError(
+            raise Refusal(
                 "malformed", "exactly one of fields 'target', 'stale', 'all' is required",
-                self._reqId)
+                req_id=self._reqId)
 
 
 @frame("disconnect")
