@@ -708,7 +708,7 @@ class ReplySizeTests(WireTestCase):
                   for i in range(150)]
         for peer in banned:
             result_of(self.fx.store.ban_member(peer.member.id, self.fx.now_ms()))
-        self.fx.broker._meshes.clear()
+        self.fx.broker.meshes._meshes.clear()
         owner = self.hello(self.owner, session_id="owner2")
         members, replies = self.pages(owner, {"type": "list_members"}, "members_list",
                                       "members")
@@ -764,7 +764,7 @@ class GroupCapTests(WireTestCase):
         self.assertEqual((alice.last()["code"], alice.last()["_reqId"]),
                          ("too_many_groups", "j"))
         alice.send({"type": "join_group", "name": "g3", "role": "lead"})
-        [session] = self.fx.broker.cached_mesh(self.alice.mesh.id).sessions_of(
+        [session] = self.fx.broker.meshes.cached(self.alice.mesh.id).sessions_of(
             self.alice.member.id)
         self.assertEqual(len(session.groups), 64)
         self.assertEqual(session.groups["g3"], "lead")
@@ -802,7 +802,7 @@ class IntegerBoundsTests(WireTestCase):
                     frame = dict(SAMPLE_FRAMES[type_name], type=type_name)
                     frame.pop("target", None)
                     frame[name] = value
-                    with self.assertRaises(protocol.FrameError) as caught:
+                    with self.assertRaises(protocol.Refusal) as caught:
                         protocol.decode(json.dumps(frame))
                     self.assertIn(repr(name), caught.exception.message)
 
@@ -882,16 +882,16 @@ class HookSquattingTests(WireTestCase):
 
     def setUp(self):
         WireTestCase.setUp(self)
-        from claudemesh.broker.hook import HookStatusResource
+        from claudemesh.broker.hookroute import HookStatusResource
         from tests.test_hook import HookTestCase
 
-        self.resource = HookStatusResource(self.fx.broker, 4096)
+        self.resource = HookStatusResource(self.fx.broker.hooks, self.fx.broker.metrics, 4096)
         self.post = lambda body, peer: HookTestCase.post(self, body, peer=peer)
         # Alice squats bob's Claude session id.
         self.hello(self.alice, claudeSessionId="cs-bob")
 
     def bob_session(self):
-        [session] = self.fx.broker.cached_mesh(self.bob.mesh.id).sessions_of(self.bob.member.id)
+        [session] = self.fx.broker.meshes.cached(self.bob.mesh.id).sessions_of(self.bob.member.id)
         return session
 
     def test_hook_before_bobs_session(self):
@@ -901,7 +901,7 @@ class HookSquattingTests(WireTestCase):
         self.assertEqual((code, reply), (200, {"ok": True, "pending": True}))
         self.hello(self.bob, claudeSessionId="cs-bob")
         self.assertEqual(self.bob_session().status.status, "working")
-        [alice] = self.fx.broker.cached_mesh(self.alice.mesh.id).sessions_of(
+        [alice] = self.fx.broker.meshes.cached(self.alice.mesh.id).sessions_of(
             self.alice.member.id)
         self.assertEqual(alice.status.status, "idle")
 
