@@ -40,26 +40,28 @@ class DecryptionFailed(Exception):
 # -- signed strings ---------------------------------------------------------
 
 
-def hello_string(mesh_id, member_id, pubkey, timestamp, tagged=False) -> bytes:
+def hello_string(mesh_id, member_id, pubkey, timestamp, session_id=None) -> bytes:
     """
     What a hello signs: C{meshId|memberId|pubkey|timestamp}, as the original
-    clients sign it, or with C{tagged} the same behind the domain tag
-    C{claudemesh-hello/1|}, as every other signed string of the protocol has
-    one (docs/protocol.md).
+    clients sign it, or, given C{session_id}, the tagged form
+    C{claudemesh-hello/1|meshId|memberId|pubkey|timestamp|sessionId}, which
+    has a domain tag like every other signed string of the protocol and
+    binds the session id too (docs/protocol.md). The session id, which may
+    hold any character, comes last, so the fields stay unambiguous.
     """
     fields = [mesh_id, member_id, pubkey, str(timestamp)]
-    if tagged:
-        fields.insert(0, HELLO_TAG)
+    if session_id is not None:
+        fields = [HELLO_TAG] + fields + [session_id]
     return "|".join(fields).encode("utf-8")
 
 
-def verify_hello(pubkey, mesh_id, member_id, timestamp, signature) -> bool:
+def verify_hello(pubkey, mesh_id, member_id, timestamp, session_id, signature) -> bool:
     """
     Does C{signature} sign this hello, in the tagged or the untagged form?
     The untagged form is safe to accept because a hello's C{meshId} must be
     an id (no C{/}, no C{|}): no tagged string of another kind reads as one.
     """
-    return verify(pubkey, hello_string(mesh_id, member_id, pubkey, timestamp, tagged=True),
+    return verify(pubkey, hello_string(mesh_id, member_id, pubkey, timestamp, session_id),
                   signature) or verify(
         pubkey, hello_string(mesh_id, member_id, pubkey, timestamp), signature)
 

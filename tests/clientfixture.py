@@ -64,8 +64,8 @@ class InProcessBroker:
         self.factory.protocol = TrackedServerProtocol
         self.factory.live = set()
         self.factory.waiting = []
-        site = make_site(StoreHealth(self.store, self.reactor), self.reactor, self.settings,
-                         ws_factory=self.factory, broker=self.broker)
+        site = self.site = make_site(StoreHealth(self.store, self.reactor), self.reactor,
+                                     self.settings, ws_factory=self.factory, broker=self.broker)
         self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         self.url = "ws://127.0.0.1:%d/ws" % (self.port.getHost().port,)
         return self

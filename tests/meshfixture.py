@@ -72,13 +72,20 @@ class Peer:
         self.session = None
         self.connection = None
         self.session_identity = None
+        self._last_hello = 0
 
     @property
     def pubkey(self):
         return self.identity.pubkey
 
     def hello_dict(self, session_id="s1", session_key=False, timestamp=None, **extra):
-        now = self.fixture.now_ms() if timestamp is None else timestamp
+        if timestamp is None:
+            # A client signs each hello at a later time than the last (the
+            # broker refuses the same signed hello twice, as a replay); on a
+            # fake clock that stands still, one millisecond later.
+            timestamp = max(self.fixture.now_ms(), self._last_hello + 1)
+            self._last_hello = timestamp
+        now = timestamp
         frame = {
             "type": "hello",
             "meshId": self.mesh.id,
@@ -88,8 +95,10 @@ class Peer:
             "pid": 4242,
             "cwd": "/home/%s/project" % (self.member.display_name,),
             "timestamp": now,
-            "signature": self.identity.sign(
-                crypto.hello_string(self.mesh.id, self.member.id, self.identity.pubkey, now)),
+            # The tagged form, which binds the session id: two sessions of
+            # one member saying hello in the same millisecond sign apart.
+            "signature": self.identity.sign(crypto.hello_string(
+                self.mesh.id, self.member.id, self.identity.pubkey, now, session_id)),
         }
         if session_key:
             if self.session_identity is None:

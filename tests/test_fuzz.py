@@ -34,6 +34,7 @@ from claudemesh.broker.hookroute import HookStatusResource
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.invite import encode_token, sign_invite
+from claudemesh.store.sql.operations import Query
 from tests.meshfixture import BrokerFixture, WireConnection
 
 EXAMPLES = int(os.environ.get("CLAUDEMESH_FUZZ_EXAMPLES", "0") or 0)
@@ -61,6 +62,7 @@ ALLOWED_CLOSES = {
     (1008, "flood"), (1008, "bad_signature"), (1008, "bad_session_pubkey"),
     (1008, "timestamp_skew"), (1008, "malformed"), (1008, "unauthorized"),
     (1008, "capacity"), (4002, "banned"), (1000, "left"), (1000, "session_replaced"),
+    (1008, "replayed"), (1008, "hello_timeout"), (1009, "message too big"),
 }
 ALLOWED_CLOSE_CODES = {1007, 1009}
 
@@ -145,14 +147,61 @@ def junk_payloads():
     )
 
 
+# What issue 11 found: NUL in text that reached Postgres, and integers past
+# what SQLite binds. Each is put into every field of a valid frame in turn.
+HUGE_INTEGERS = st.sampled_from([2**53, -(2**53), 2**63, -(2**63) - 1, 2**64, 10**30,
+                                 -(10**30), 10**4000])
+TEMPLATES = ["hello", "hello_session", "send", "join", "client_ack", "set_status",
+             "create_invite", "kick", "ban", "audit_query", "message_status", "list_peers",
+             "leave", "join_group", "set_summary", "list_members", "list_invites",
+             "revoke_invite", "set_role", "disconnect", "unban", "list_bans", "leave_group"]
+
+
+@st.composite
+def poisoned(draw):
+    """
+    A valid frame with one field (a top-level one, or a string inside it)
+    given a NUL byte or a huge integer.
+    """
+    kind = draw(st.sampled_from(TEMPLATES))
+    return {"template": kind, "poison": (draw(st.integers(0, 30)),
+                                         draw(st.sampled_from(["nul", "integer"])),
+                                         draw(st.integers(0, 100)), draw(HUGE_INTEGERS))}
+
+
 PAYLOADS = st.lists(
     st.one_of(
         st.tuples(st.just("frame"), frames(), st.booleans(), st.booleans()),
         st.tuples(st.just("template"), valid_then_mutated(), st.booleans(), st.booleans()),
+        st.tuples(st.just("template"), poisoned(), st.booleans(), st.booleans()),
         st.tuples(st.just("raw"), junk_payloads(), st.booleans(), st.booleans()),
     ),
     min_size=1, max_size=6,
 )
+
+
+def poison(frame, spec):
+    """
+    Apply a L{poisoned} spec to C{frame}: pick its field number C{index}
+    (modulo the fields there are), and insert a NUL into its text (at
+    C{where}) or replace it by C{number}.
+    """
+    index, how, where, number = spec
+    names = sorted(k for k in frame if k != "type")
+    if not names:
+        return frame
+    name = names[index % len(names)]
+    value = frame[name]
+    if how == "integer":
+        frame[name] = number
+    elif isinstance(value, str):
+        cut = where % (len(value) + 1)
+        frame[name] = value[:cut] + "\x00" + value[cut:]
+    elif isinstance(value, list) and value:
+        frame[name] = [("\x00" + v) if isinstance(v, str) else v for v in value]
+    else:
+        frame[name] = "\x00"
+    return frame
 
 
 # -- the world of one example ----------------------------------------------------------
@@ -226,9 +275,23 @@ class World:
             frame = {"type": "audit_query", "limit": 5}
         elif kind == "message_status":
             frame = {"type": "message_status", "messageId": self.message_id}
+        elif kind in ("join_group", "leave_group"):
+            frame = {"type": kind, "name": "team/a", "role": "lead"}
+        elif kind == "set_summary":
+            frame = {"type": kind, "summary": "fz", "sessionId": "bobs"}
+        elif kind == "revoke_invite":
+            frame = {"type": kind, "inviteId": self.invite_id}
+        elif kind == "set_role":
+            frame = {"type": kind, "target": "bob", "role": "admin"}
+        elif kind in ("disconnect", "unban"):
+            frame = {"type": kind, "target": "bob"}
+        elif kind in ("list_members", "list_invites", "list_bans", "list_peers"):
+            frame = {"type": kind, "cursor": "[1,1]"}
         else:
             frame = {"type": kind}
         frame["_reqId"] = "fz"
+        if "poison" in spec:
+            frame = poison(frame, spec["poison"])
         for action, key, value in spec.get("mutations", ()):
             if action == "drop":
                 frame.pop(key, None)
@@ -292,6 +355,31 @@ class FrameFuzzTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         self.check_frames(wire)
         self.check_close(wire)
+        self.assertEqual(stored_nul(world.fx.store), [])
+
+
+def stored_nul(store):
+    """
+    The (table, column) of every stored text holding a NUL: none may, as
+    Postgres cannot store one (issue 11), so the protocol must refuse them
+    before they reach any store.
+    """
+    from tests.meshfixture import result_of
+
+    tables = ("meshes", "members", "invites", "sessions", "messages", "deliveries",
+              "send_keys", "audit_log", "session_keys")
+
+    def scan():
+        found = []
+        for table in tables:
+            rows = yield Query("SELECT * FROM %s" % (table,))
+            for row in rows:
+                for index, value in enumerate(row):
+                    if isinstance(value, str) and "\x00" in value:
+                        found.append((table, index))
+        return found
+
+    return result_of(store.run_interaction("scan_for_nul", scan, write=False))
 
 
 # -- HTTP routes ------------------------------------------------------------------------

@@ -245,8 +245,9 @@ class RefusalTests(HookTestCase):
 
     def test_rate_limit(self):
         """Past hook_rate_limit_per_min a key gets 429; another member's key is unaffected."""
-        for _ in range(5):
-            self.assertEqual(self.post(self.body("idle", session_id="a1"))[0], 200)
+        for i in range(5):
+            # Distinct requests (the same one again would be a replay).
+            self.assertEqual(self.post(self.body("idle", session_id="a1", pid=i))[0], 200)
         self.before = self.snapshot()
         self.assertRefused(self.post(self.body("working", session_id="a1")), 429, "rate_limited")
         self.assertEqual(self.post(self.body("working", session_id="b1", ), peer=self.bob)[0],

@@ -10,13 +10,20 @@ over real sockets against a broker on SQLite and on Postgres where it does
 connection it opens).
 """
 
+import base64
+import gc
 import json
+import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from claudemesh import crypto, protocol
 from claudemesh.broker.groupcommit import GroupCommit
+from claudemesh.invite import encode_token, sign_invite
 from claudemesh.store.postgres import PostgresStore
 from claudemesh.store.records import (
     AuditEvent,
@@ -988,11 +995,20 @@ class HelloDomainTagTests(WireTestCase):
     """
 
     def test_tagged_hello(self):
-        """A hello signed over claudemesh-hello/1|meshId|memberId|pubkey|timestamp is accepted."""
+        """A hello signed as claudemesh-hello/1|meshId|memberId|pubkey|ts|sessionId is accepted."""
         now = self.fx.now_ms()
-        signature = self.alice.identity.sign(crypto.hello_string(
-            self.alice.mesh.id, self.alice.member.id, self.alice.pubkey, now, tagged=True))
-        self.hello(self.alice, timestamp=now, signature=signature)
+        signed = "|".join(["claudemesh-hello/1", self.alice.mesh.id, self.alice.member.id,
+                           self.alice.pubkey, str(now), "a|b"]).encode()
+        self.hello(self.alice, timestamp=now, session_id="a|b",
+                   signature=self.alice.identity.sign(signed))
+
+    def test_tagged_hello_binds_the_session_id(self):
+        """A tagged hello with its sessionId changed is bad_signature."""
+        hello = self.alice.hello_dict(session_id="mine")
+        hello["sessionId"] = "another"
+        wire = self.wire()
+        wire.send(hello)
+        self.assertEqual(wire.frames[0]["code"], "bad_signature")
 
     def test_untagged_hello(self):
         """The original clients' untagged hello is still accepted."""
@@ -1012,3 +1028,437 @@ class HelloDomainTagTests(WireTestCase):
                    "sessionId": "s"})
         self.assertEqual(wire.frames[0]["code"], "malformed")
         self.assertIn("'meshId'", wire.frames[0]["message"])
+
+
+# -- item 12: replays within the skew window -----------------------------------------------
+
+
+class ReplayWithinWindowTests(WireTestCase):
+    """
+    Item 12: a signed credential is good once; sent again within the 60 s
+    window it is refused C{replayed}, and its victim is untouched.
+    """
+
+    def test_hello_replayed(self):
+        """The same hello again within 60 s is error replayed, close 1008; the victim stays open."""
+        hello = self.alice.hello_dict(session_id="victim")
+        victim = self.wire()
+        victim.send(hello)
+        self.assertEqual(victim.frames[0]["type"], "hello_ack")
+        self.fx.advance(30)
+        attacker = self.wire()
+        before = self.snapshot()
+        attacker.send(dict(hello, _reqId="r"))
+        self.assertEqual([(f["type"], f.get("code")) for f in attacker.frames],
+                         [("error", "replayed")])
+        self.assertEqual(attacker.client.close_info, (True, 1008, "replayed"))
+        self.assertOpen(victim)
+        self.assertUnchanged(before)
+
+    def test_hello_replayed_with_another_session_id(self):
+        """An untagged hello replayed under a new sessionId is replayed too (the id is unsigned)."""
+        now = self.fx.now_ms()
+        signature = self.alice.identity.sign(crypto.hello_string(
+            self.alice.mesh.id, self.alice.member.id, self.alice.pubkey, now))
+        self.hello(self.alice, session_id="first", timestamp=now, signature=signature)
+        wire = self.wire()
+        wire.send(self.alice.hello_dict(session_id="second", timestamp=now, signature=signature))
+        self.assertEqual(wire.frames[0]["code"], "replayed")
+
+    def test_forgotten_after_the_window(self):
+        """The memory holds a signature only while its timestamp could pass the skew check."""
+        memory = self.fx.broker.replays
+        hello = self.alice.hello_dict()
+        self.hello(self.alice, **{k: hello[k] for k in ("timestamp", "signature")})
+        self.assertEqual(len(memory), 1)
+        self.fx.advance(61)
+        result_of(memory.first_use("hello", "k", "s", self.fx.now_ms() + 1000))
+        self.assertEqual(len(memory), 1)
+
+    def test_join_replayed_after_leave(self):
+        """A join proof used once cannot make the key a member again after it left."""
+        from tests.test_replay import JoinReplayTests
+
+        owner = self.hello(self.owner, session_id="owner")
+        owner.send({"type": "create_invite", "maxUses": 5})
+        reply = owner.last()
+        token = JoinReplayTests.token(self, reply)
+        identity = crypto.Identity.generate()
+        frame = JoinReplayTests.join_frame(self, token, reply["inviteId"], identity=identity)
+        wire = self.wire()
+        wire.send(frame)
+        joined = wire.last()
+        self.assertEqual(joined["type"], "join_ack")
+        wire.send(frame)
+        self.assertEqual(wire.last()["type"], "join_ack", "a retry finds the membership")
+        mesh = self.fx.broker.meshes.cached(self.owner.mesh.id)
+        peer = Peer(self.fx, self.owner.mesh, mesh.members[joined["memberId"]], identity)
+        member = self.hello(peer, session_id="new")
+        member.send({"type": "leave"})
+        self.assertEqual(member.last()["type"], "leave_ack")
+        again = self.wire()
+        again.send(frame)
+        self.assertEqual((again.last()["type"], again.last()["code"]), ("error", "replayed"))
+
+
+class HookReplayWithinWindowTests(WireTestCase):
+    """
+    Item 12 for the hook: the same signed POST twice is 200 then 401.
+    """
+
+    def test_hook_replayed(self):
+        """An identical signed hook request sent twice is applied once, then 401 replayed."""
+        from claudemesh.broker.hookroute import HookStatusResource
+        from tests.test_hook import HookTestCase
+
+        self.resource = HookStatusResource(self.fx.broker.hooks, self.fx.broker.metrics, 4096)
+        self.hello(self.alice, session_id="a1")
+        body = json.dumps({"status": "working", "session_id": "a1"}).encode()
+        now = self.fx.now_ms()
+        signature = self.alice.identity.sign(crypto.hook_string(self.alice.mesh.id, now, body))
+        first = HookTestCase.post(self, body, peer=self.alice, timestamp=now,
+                                  signature=signature)
+        self.assertEqual((first[0], first[1]["status"]), (200, "working"))
+        self.fx.advance(5)
+        second = HookTestCase.post(self, body, peer=self.alice, timestamp=now,
+                                   signature=signature)
+        self.assertEqual((second[0], second[1]["error"]), (401, "replayed"))
+
+
+class CreateMeshReplayTests(WireTestCase):
+    """
+    Item 12 for C{POST /meshes}: the same signed creation twice makes one mesh.
+    """
+
+    def test_create_replayed(self):
+        """A replayed create_mesh body is refused replayed; one mesh exists."""
+        identity = crypto.Identity.generate()
+        now = self.fx.now_ms()
+        body = {"name": "twice", "ownerPubkey": identity.pubkey, "displayName": "o",
+                "timestamp": now,
+                "signature": identity.sign(crypto.create_mesh_string("twice", identity.pubkey,
+                                                                     now))}
+        membership = self.fx.broker.membership
+        created = result_of(membership.create_mesh(body))
+        self.assertEqual(created["name"], "twice")
+        d = membership.create_mesh(dict(body))
+        self.fx.flush()
+        failure = self.failureResultOf(d)
+        self.assertEqual(failure.value.code, "replayed")
+
+
+# -- items 8-10: slow, oversized and vanished HTTP clients, over real sockets -------------
+
+
+class RawClient(Protocol):
+    """
+    A TCP client that writes what it is told and records what it gets;
+    C{lost} fires when the connection is gone.
+    """
+
+    def __init__(self, first=b""):
+        self.first = first
+        self.received = b""
+        self.lost = defer.Deferred()
+        self.answered = defer.Deferred()
+
+    def connectionMade(self):
+        if self.first:
+            self.transport.write(self.first)
+
+    def dataReceived(self, data):
+        self.received += data
+        if not self.answered.called and b"\r\n\r\n" in self.received:
+            self.answered.callback(self.received.split(b" ", 2)[1])
+
+    def connectionLost(self, reason):
+        if not self.answered.called:
+            self.answered.callback(None)
+        self.lost.callback(None)
+
+
+class SocketBrokerMixin:
+    """
+    A broker on SQLite listening on 127.0.0.1, its admission deadlines on a
+    fake clock (so no test waits for real seconds), and raw TCP clients.
+    """
+
+    timeout = 30
+    settings = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from tests.clientfixture import InProcessBroker
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.broker = InProcessBroker(reactor, directory, make_store=self.make_store(directory),
+                                      **self.settings)
+        yield self.broker.start()
+        self.addCleanup(self.broker.stop)
+        self.deadlines = task.Clock()
+        self.broker.site.admission.clock = self.deadlines
+        self.clients = []
+        self.addCleanup(self.close_clients)
+
+    def make_store(self, directory):
+        return None
+
+    @defer.inlineCallbacks
+    def raw(self, first=b""):
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.broker.port.getHost().port)
+        client = yield connectProtocol(endpoint, RawClient(first))
+        self.clients.append(client)
+        return client
+
+    @defer.inlineCallbacks
+    def close_clients(self):
+        for client in self.clients:
+            if not client.lost.called:
+                client.transport.abortConnection()
+            yield client.lost
+
+    def within(self, d, seconds=5):
+        return d.addTimeout(seconds, reactor)
+
+    @defer.inlineCallbacks
+    def settle(self):
+        # Let the server side read what was sent (real sockets).
+        for _ in range(5):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+def upgrade_head(complete=True):
+    lines = [b"GET /ws HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket",
+             b"Connection: Upgrade", b"Sec-WebSocket-Version: 13"]
+    return b"\r\n".join(lines) + (b"\r\n\r\n" if complete else b"\r\n")
+
+
+class SlowlorisTests(SocketBrokerMixin, unittest.TestCase):
+    """
+    Item 8: half-finished requests hold nothing for long, and every
+    connection counts toward its address's cap from accept.
+    """
+
+    settings = {"header_timeout_seconds": 10, "max_connections_per_ip": 5}
+
+    @defer.inlineCallbacks
+    def test_header_deadline(self):
+        """Upgrades that send a header line now and then are answered 408 and closed at 10 s."""
+        clients = []
+        for _ in range(4):
+            clients.append((yield self.raw(upgrade_head(complete=False))))
+        yield self.settle()
+        for second in range(9):
+            for client in clients:
+                client.transport.write(b"X-Slow-%d: 1\r\n" % (second,))
+            yield self.settle()
+            self.deadlines.advance(1)
+        self.assertEqual([c.lost.called for c in clients], [False] * 4)
+        self.deadlines.advance(1)
+        statuses = yield self.within(defer.gatherResults([c.answered for c in clients]))
+        self.assertEqual(statuses, [b"408"] * 4)
+        yield self.within(defer.gatherResults([c.lost for c in clients]))
+        self.assertEqual(self.broker.factory.limits.open_connections("127.0.0.1"), 0)
+
+    @defer.inlineCallbacks
+    def test_cap_counts_from_accept(self):
+        """Five silent connections fill the address's cap: the sixth is answered 429 and closed."""
+        for _ in range(5):
+            yield self.raw()
+        yield self.settle()
+        sixth = yield self.raw(upgrade_head())
+        status = yield self.within(sixth.answered)
+        self.assertEqual(status, b"429")
+        self.assertIn(b"too_many_connections", sixth.received)
+        yield self.within(sixth.lost)
+        self.clients[0].transport.loseConnection()
+        yield self.clients[0].lost
+        yield self.settle()
+        seventh = yield self.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((yield self.within(seventh.answered)), b"200")
+
+    @defer.inlineCallbacks
+    def test_websocket_keeps_its_count(self):
+        """An upgraded connection is counted once, and released when it closes."""
+        limits = self.broker.factory.limits
+        client = yield self.raw(upgrade_head()[:-2] + b"Sec-WebSocket-Key: "
+                                + base64.b64encode(b"k" * 16) + b"\r\n\r\n")
+        self.assertEqual((yield self.within(client.answered)), b"101")
+        self.assertEqual(limits.open_connections("127.0.0.1"), 1)
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.settle()
+        self.assertEqual(limits.open_connections("127.0.0.1"), 0)
+
+
+class HelloDeadlineTests(WireTestCase):
+    """
+    Item 8: a WebSocket that never says a successful hello is closed.
+    """
+
+    def test_no_hello_closed_after_10s(self):
+        """A WebSocket silent for 10 s after opening gets error hello_timeout and close 1008."""
+        wire = self.wire()
+        self.fx.advance(9)
+        wire.pump()
+        self.assertOpen(wire)
+        self.fx.advance(1)
+        wire.pump()
+        self.assertEqual([(f["type"], f.get("code")) for f in wire.frames],
+                         [("error", "hello_timeout")])
+        self.assertEqual(wire.client.close_info, (True, 1008, "hello_timeout"))
+
+    def test_failed_hellos_do_not_extend_it(self):
+        """Bad frames and refused hellos before the deadline do not move it."""
+        wire = self.wire()
+        for _ in range(5):
+            wire.send({"type": "list_peers"})
+            self.fx.advance(2)
+        wire.pump()
+        self.assertEqual(wire.client.close_info, (True, 1008, "hello_timeout"))
+
+    def test_hello_in_time_stays(self):
+        """A session that said hello in time is not closed by the deadline."""
+        wire = self.hello(self.alice)
+        self.fx.advance(30)
+        wire.pump()
+        self.assertOpen(wire)
+
+
+class DeclaredLengthTests(SocketBrokerMixin, unittest.TestCase):
+    """
+    Item 9: a body over the limit is refused on its declared length, at
+    once, and a body without one as soon as it passes the limit.
+    """
+
+    settings = {"max_message_bytes": 4096}
+
+    @defer.inlineCallbacks
+    def refused_at_once(self, path):
+        client = yield self.raw(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                b"\r\nContent-Length: 10000000000\r\n\r\n{\"a\":" % (path,))
+        status = yield self.within(client.answered)
+        self.assertEqual(status, b"413")
+        self.assertIn(b"payload too large", client.received)
+        yield self.within(client.lost)
+
+    def test_hook(self):
+        """POST /hook/set-status with Content-Length 10^10 is 413 before any body is sent."""
+        return self.refused_at_once(b"/hook/set-status")
+
+    def test_join(self):
+        """POST /join with Content-Length 10^10 is 413 before any body is sent."""
+        return self.refused_at_once(b"/join")
+
+    @defer.inlineCallbacks
+    def test_chunked_body_capped(self):
+        """A chunked body is answered 413 once it passes the limit, without waiting for its end."""
+        client = yield self.raw(b"POST /join HTTP/1.1\r\nHost: x\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            client.transport.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+        status = yield self.within(client.answered)
+        self.assertEqual(status, b"413")
+        yield self.within(client.lost)
+
+    @defer.inlineCallbacks
+    def test_within_the_limit_answered(self):
+        """A body within the limit is still read and answered by its route."""
+        body = b'{"not": "a join"}'
+        client = yield self.raw(b"POST /join HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(body), body))
+        self.assertEqual((yield self.within(client.answered)), b"400")
+
+
+class GatedStore:
+    """
+    A store whose C{get_mesh} and C{get_invite} answer only once C{gate}
+    fired: an answer that comes after the client hung up.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.gate = defer.Deferred()
+        self.waiting = 0
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def _held(self, name, *args):
+        self.waiting += 1
+        d = defer.Deferred()
+        self.gate.addCallback(lambda _: getattr(self._store, name)(*args).chainDeferred(d))
+        return d
+
+    def get_mesh(self, mesh_id):
+        return self._held("get_mesh", mesh_id)
+
+    def get_invite(self, invite_id):
+        return self._held("get_invite", invite_id)
+
+
+class HangUpTests(SocketBrokerMixin, unittest.TestCase):
+    """
+    Item 10: clients that hang up before the answer leave no error (and no
+    traceback) in the log.
+    """
+
+    def make_store(self, directory):
+        def make():
+            self.gated = GatedStore(SQLiteStore(os.path.join(directory, "b.sqlite3"), reactor))
+            return self.gated
+
+        return make
+
+    def join_body(self):
+        identity = crypto.Identity.generate()
+        token = encode_token(sign_invite(identity, "m" * 32, "team", "i" * 32, "member",
+                                         2_000_000_000, "ws://x/ws"))
+        now = _RealClock.now_ms()
+        return json.dumps({"invite": token, "pubkey": identity.pubkey, "displayName": "x",
+                           "timestamp": now, "signature": identity.sign(crypto.join_string(
+                               "i" * 32, identity.pubkey, "x", now))}).encode()
+
+    def hook_request(self):
+        identity = crypto.Identity.generate()
+        body = b'{"status": "working"}'
+        now = _RealClock.now_ms()
+        headers = (b"X-Claudemesh-Mesh: m1\r\nX-Claudemesh-Pubkey: %s\r\n"
+                   b"X-Claudemesh-Timestamp: %d\r\nX-Claudemesh-Signature: %s\r\n"
+                   % (identity.pubkey.encode(), now,
+                      identity.sign(crypto.hook_string("m1", now, body)).encode()))
+        return (b"POST /hook/set-status HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (headers, len(body), body))
+
+    @defer.inlineCallbacks
+    def test_hang_ups_log_nothing(self):
+        """Forty POSTs (join and hook) hanging up before their answer log no error."""
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        body = self.join_body()
+        clients = []
+        for _ in range(20):
+            clients.append((yield self.raw(
+                b"POST /join HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body))))
+            clients.append((yield self.raw(self.hook_request())))
+        # Twenty invite look-ups, and one mesh load the twenty hooks share.
+        while self.gated.waiting < 21:
+            yield self.settle()
+        for client in clients:
+            client.transport.abortConnection()
+        for client in clients:
+            yield client.lost
+        yield self.settle()
+        self.gated.gate.callback(None)
+        yield self.settle()
+        yield self.broker.broker.writes.flushed()
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        bad = [e for e in logged if e.get("log_level") in (LogLevel.error, LogLevel.critical)
+               or "log_failure" in e]
+        self.assertEqual(bad, [])

@@ -36,6 +36,8 @@ _INTEGER_CASES = (
     ("retention-days", "CLAUDEMESH_RETENTION_DAYS", "30", 30),
     ("max-connections-per-ip", "CLAUDEMESH_MAX_CONNECTIONS_PER_IP", "1", 1),
     ("hello-rate-per-ip", "CLAUDEMESH_HELLO_RATE_PER_IP", "0", 0),
+    ("header-timeout-seconds", "CLAUDEMESH_HEADER_TIMEOUT_SECONDS", "30", 30),
+    ("hello-timeout-seconds", "CLAUDEMESH_HELLO_TIMEOUT_SECONDS", "0", 0),
 )
 
 # flag -> the smallest value it accepts
@@ -77,6 +79,8 @@ def expected_defaults():
         "retention-days": 7,
         "max-connections-per-ip": 200,
         "hello-rate-per-ip": 20,
+        "header-timeout-seconds": 10,
+        "hello-timeout-seconds": 10,
         "trusted-proxy": (),
         "settings": BrokerSettings(),
     }

@@ -29,6 +29,7 @@ from claudemesh.broker.groupcommit import GroupCommit
 from claudemesh.broker.hook import HookStatus
 from claudemesh.broker.membership import Membership
 from claudemesh.broker.presence import Presence
+from claudemesh.broker.replay import LocalReplayMemory
 from claudemesh.broker.sessions import IPeerConnection, MeshDirectory
 from claudemesh.broker.status import StatusBoard
 
@@ -49,8 +50,13 @@ class Broker(service.Service):
 
     _log = Logger()
 
-    def __init__(self, store, clock, settings, metrics=None):
+    def __init__(self, store, clock, settings, metrics=None, replays=None):
+        """
+        @param replays: the L{IReplayMemory} of the signed credentials
+            accepted; one in this process's memory when C{None}.
+        """
         self.store = store
+        self.replays = replays if replays is not None else LocalReplayMemory(clock)
         self.clock = clock
         self.settings = settings
         self.metrics = metrics
@@ -58,11 +64,11 @@ class Broker(service.Service):
         self.meshes = MeshDirectory(store)
         self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics)
         self.status = StatusBoard(self.meshes, self.writes, self.delivery, clock, settings)
-        self.hooks = HookStatus(self.meshes, self.status, clock, settings)
+        self.hooks = HookStatus(self.meshes, self.status, clock, settings, self.replays)
         self.presence = Presence(self.meshes, self.writes, store, self.delivery, self.hooks,
-                                 clock, settings, metrics)
+                                 clock, settings, self.replays, metrics)
         self.membership = Membership(self.meshes, store, self.writes, self.presence, clock,
-                                     settings)
+                                     settings, self.replays)
         self.audit = AuditLog(store, self.writes, settings)
         self._sweeper = None
 

@@ -59,7 +59,12 @@ class HookStatus:
         are signals to.
     """
 
-    def __init__(self, meshes, status, clock, settings):
+    def __init__(self, meshes, status, clock, settings, replays):
+        """
+        @param replays: the L{IReplayMemory} each signed report is used once
+            through.
+        """
+        self._replays = replays
         self._meshes = meshes
         self._status = status
         self._clock = clock
@@ -78,8 +83,8 @@ class HookStatus:
         One signed status report.
 
         @return: a L{Deferred} firing with the result object.
-        @raise protocol.Refusal: C{unauthorized}, C{rate_limited} or
-            C{malformed}; nothing changes.
+        @raise protocol.Refusal: C{unauthorized}, C{replayed},
+            C{rate_limited} or C{malformed}; nothing changes.
         """
         now = self._now()
         try:
@@ -97,6 +102,10 @@ class HookStatus:
         member = mesh.members_by_pubkey.get(pubkey) if mesh is not None else None
         if member is None or member.revoked_at is not None:
             raise protocol.Refusal("unauthorized", "not a member of this mesh")
+        fresh = yield self._replays.first_use("hook", pubkey, signature,
+                                              timestamp + protocol.SIGNED_SKEW_MS)
+        if not fresh:
+            raise protocol.Refusal("replayed", "this signed request was already used")
         if not self._buckets.take(pubkey):
             raise protocol.Refusal("rate_limited", "rate limited")
         payload = parse_hook_body(body)

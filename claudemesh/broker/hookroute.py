@@ -18,6 +18,7 @@ from claudemesh import protocol
 
 HTTP_STATUS = {
     "unauthorized": 401,
+    "replayed": 401,
     "forbidden": 403,
     "malformed": 400,
     "rate_limited": 429,
@@ -30,6 +31,31 @@ def json_response(request, code, body):
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+class LateAnswer:
+    """
+    The answer to a request rendered C{NOT_DONE_YET}, sent only while its
+    client is still there: a client that hung up before the answer was
+    ready gets none, and twisted.web is never asked to finish a request
+    whose connection is gone (which it logs as a critical error with a
+    traceback: issue 11).
+    """
+
+    def __init__(self, request):
+        self._request = request
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, failure):
+        self.gone = True
+
+    def send(self, code, document):
+        if self.gone:
+            return
+        request = self._request
+        request.write(json_response(request, code, document))
+        request.finish()
 
 
 class HookStatusResource(resource.Resource):
@@ -70,23 +96,22 @@ class HookStatusResource(resource.Resource):
             header(b"x-claudemesh-mesh"), header(b"x-claudemesh-pubkey"),
             header(b"x-claudemesh-timestamp"), header(b"x-claudemesh-signature"), body)
 
+        answer = LateAnswer(request)
+
         def done(result):
             self._count("pending" if result.get("pending") else "ok")
-            request.write(json_response(request, 200, result))
-            request.finish()
+            answer.send(200, result)
 
         def refused(f):
             f.trap(protocol.Refusal)
             self._count(f.value.code)
-            request.write(json_response(request, HTTP_STATUS.get(f.value.code, 400), {
-                "ok": False, "error": f.value.code, "message": f.value.message}))
-            request.finish()
+            answer.send(HTTP_STATUS.get(f.value.code, 400), {
+                "ok": False, "error": f.value.code, "message": f.value.message})
 
         def failed(f):
             self._log.failure("hook request failed", f)
             self._count("error")
-            request.write(json_response(request, 503, {"ok": False, "error": "unavailable"}))
-            request.finish()
+            answer.send(503, {"ok": False, "error": "unavailable"})
 
         d.addCallbacks(done, refused).addErrback(failed)
         return server.NOT_DONE_YET

@@ -70,6 +70,13 @@ class AddressLimits:
                 return hops[-1]
         return host
 
+    def is_trusted_proxy(self, host):
+        """
+        Whether C{host} is a trusted proxy (its connections are counted by
+        the address its C{X-Forwarded-For} names, at the upgrade).
+        """
+        return self._trusted(host)
+
     def _trusted(self, host):
         if not self._proxies:
             return False
@@ -79,21 +86,41 @@ class AddressLimits:
             return False
         return any(address in network for network in self._proxies)
 
-    def admit(self, address):
-        """
-        Count a new connection from C{address}, or say why it is refused
-        (C{"too_many_connections"} or C{"rate_limited"}).
-        """
+    def _penalised(self, address):
         until = self._penalties.get(address)
         if until is not None:
             if self._clock.seconds() < until:
-                return "flood"
+                return True
             del self._penalties[address]
+        return False
+
+    def accept(self, address):
+        """
+        Count a connection accepted from C{address} (of any kind, from its
+        first byte on), or say why it is refused (C{"flood"} or
+        C{"too_many_connections"}).
+        """
+        if self._penalised(address):
+            return "flood"
         if self._max and self._open.get(address, 0) >= self._max:
+            return "too_many_connections"
+        self._open[address] = self._open.get(address, 0) + 1
+        return None
+
+    def admit(self, address, counted=False):
+        """
+        Admit a WebSocket upgrade from C{address}, counting it unless it was
+        C{counted} at accept already, or say why it is refused (C{"flood"},
+        C{"too_many_connections"} or C{"rate_limited"}).
+        """
+        if self._penalised(address):
+            return "flood"
+        if not counted and self._max and self._open.get(address, 0) >= self._max:
             return "too_many_connections"
         if not self._rate.take(address):
             return "rate_limited"
-        self._open[address] = self._open.get(address, 0) + 1
+        if not counted:
+            self._open[address] = self._open.get(address, 0) + 1
         return None
 
     def release(self, address):

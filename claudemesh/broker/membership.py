@@ -52,7 +52,12 @@ class Membership:
 
     _log = Logger()
 
-    def __init__(self, meshes, store, writes, presence, clock, settings):
+    def __init__(self, meshes, store, writes, presence, clock, settings, replays):
+        """
+        @param replays: the L{IReplayMemory} a mesh creation and a join
+            are each used once through.
+        """
+        self._replays = replays
         self._meshes = meshes
         self._store = store
         self._writes = writes
@@ -175,6 +180,10 @@ class Membership:
         if not crypto.verify(owner_pubkey, crypto.create_mesh_string(name, owner_pubkey, timestamp),
                              signature):
             raise Refusal("bad_signature", "signature does not verify with ownerPubkey")
+        fresh = yield self._replays.first_use("create", owner_pubkey, signature,
+                                                     timestamp + protocol.SIGNED_SKEW_MS)
+        if not fresh:
+            raise Refusal("replayed", "this signed request was already used")
         mesh = MeshRecord(new_id(), name, slugify(name), owner_pubkey, now)
         owner = MemberRecord(new_id(), mesh.id, owner_pubkey, display_name, "owner", now)
         yield self._store.create_mesh(mesh, owner, [self._event(
@@ -280,6 +289,13 @@ class Membership:
             # Re-joining with the same key is the existing membership, and
             # takes no use of the invite.
             return self._join_result(mesh, existing)
+        # A new membership is made once per signed join: the same proof sent
+        # again (after a leave, say) is refused, not a second join. A retry
+        # of a join that worked found the membership just above.
+        fresh = yield self._replays.first_use("join", frame.pubkey, frame.signature,
+                                                     frame.timestamp + protocol.SIGNED_SKEW_MS)
+        if not fresh:
+            raise Refusal("replayed", "this signed join was already used")
         member = MemberRecord(new_id(), mesh.id, frame.pubkey, frame.displayName, invite.role,
                               now, invite_id=invite.id)
         joined = self._event(mesh.id, "member_joined", member.id, {

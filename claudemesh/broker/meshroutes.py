@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from claudemesh import protocol
-from claudemesh.broker.hookroute import json_response
+from claudemesh.broker.hookroute import LateAnswer, json_response
 from claudemesh.broker.membership import token_matches
 from claudemesh.protocol import has_lone_surrogate
 
@@ -26,6 +26,7 @@ FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 # Refusal codes and the HTTP status each one answers with.
 HTTP_STATUS = {
     "unauthorized": 401,
+    "replayed": 401,
     "malformed": 400,
     "timestamp_skew": 400,
     "bad_signature": 400,
@@ -67,22 +68,20 @@ class _JSONPost(resource.Resource):
         if has_lone_surrogate(document):
             return json_response(request, 400, {"error": "malformed",
                                                 "message": "body holds an unpaired surrogate"})
+        late = LateAnswer(request)
         d = defer.maybeDeferred(self.answer, request, document)
 
         def done(result):
-            request.write(json_response(request, 200, result))
-            request.finish()
+            late.send(200, result)
 
         def refused(f):
             f.trap(protocol.Refusal)
-            request.write(json_response(request, HTTP_STATUS.get(f.value.code, 400), {
-                "error": f.value.code, "message": f.value.message}))
-            request.finish()
+            late.send(HTTP_STATUS.get(f.value.code, 400), {
+                "error": f.value.code, "message": f.value.message})
 
         def failed(f):
             self._log.failure("{route} failed", f, route=type(self).__name__)
-            request.write(json_response(request, 503, {"error": "unavailable"}))
-            request.finish()
+            late.send(503, {"error": "unavailable"})
 
         d.addCallbacks(done, refused).addErrback(failed)
         return server.NOT_DONE_YET

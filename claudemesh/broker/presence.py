@@ -40,7 +40,13 @@ class Presence:
 
     _log = Logger()
 
-    def __init__(self, meshes, writes, store, delivery, hooks, clock, settings, metrics=None):
+    def __init__(self, meshes, writes, store, delivery, hooks, clock, settings, replays,
+                 metrics=None):
+        """
+        @param replays: the L{IReplayMemory} each signed hello is used once
+            through.
+        """
+        self._replays = replays
         self._meshes = meshes
         self._writes = writes
         self._store = store
@@ -88,7 +94,7 @@ class Presence:
         if not (crypto.is_pubkey(hello.pubkey) and crypto.is_signature(hello.signature)):
             raise refuse("malformed", "hello rejected: malformed")
         if not crypto.verify_hello(hello.pubkey, hello.meshId, hello.memberId, timestamp,
-                                   hello.signature):
+                                   hello.sessionId, hello.signature):
             raise refuse("bad_signature", "hello rejected: bad_signature")
         mesh = yield self._meshes.load(hello.meshId)
         member = mesh.members_by_pubkey.get(hello.pubkey) if mesh is not None else None
@@ -98,6 +104,13 @@ class Presence:
             self.count_rejected("revoked")
             raise protocol.Refusal("revoked", protocol.revoked_message(mesh.name),
                                    close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
+        # Each signed hello is good once: replayed within the skew window it
+        # would replace its own session (issue 11). Remembered only for
+        # members, so outsiders cannot fill the memory.
+        fresh = yield self._replays.first_use("hello", hello.pubkey, hello.signature,
+                                              timestamp + protocol.SIGNED_SKEW_MS)
+        if not fresh:
+            raise refuse("replayed", "hello rejected: replayed")
         # Capacity only once the hello proved a member: an outsider learns
         # nothing about the mesh, not even that it is full (issue 11).
         if limit and mesh.live_count() >= limit:

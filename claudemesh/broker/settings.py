@@ -20,6 +20,10 @@ class BrokerSettings:
     retention_days: int = 7
     max_connections_per_ip: int = 200
     hello_rate_per_ip: int = 20
+    # Deadlines against connections that hold a slot without using it
+    # (slowloris): complete request headers, then a successful hello.
+    header_timeout_seconds: int = 10
+    hello_timeout_seconds: int = 10
     trusted_proxies: tuple = ()
     # Not operator settings: fixed by the protocol (DESIGN section 4), kept
     # here so tests can shorten them.

@@ -136,13 +136,26 @@ _INTEGER_OPTIONS = (
     _IntegerOption(
         "max-connections-per-ip", "CLAUDEMESH_MAX_CONNECTIONS_PER_IP", 200, 0,
         "max_connections_per_ip",
-        "Most simultaneous WebSocket connections from one client address (HTTP 429 beyond).",
+        "Most simultaneous connections from one client address, counted from accept "
+        "(HTTP 429 beyond).",
         "turns the limit off",
     ),
     _IntegerOption(
         "hello-rate-per-ip", "CLAUDEMESH_HELLO_RATE_PER_IP", 20, 0, "hello_rate_per_ip",
         "WebSocket upgrades (hellos) allowed per second from one client address (HTTP 429 beyond).",
         "turns the limit off",
+    ),
+    _IntegerOption(
+        "header-timeout-seconds", "CLAUDEMESH_HEADER_TIMEOUT_SECONDS", 10, 0,
+        "header_timeout_seconds",
+        "Seconds a connection has to send a request's headers, from accept or its last "
+        "answer (HTTP 408 and close beyond).", "turns the deadline off",
+    ),
+    _IntegerOption(
+        "hello-timeout-seconds", "CLAUDEMESH_HELLO_TIMEOUT_SECONDS", 10, 0,
+        "hello_timeout_seconds",
+        "Seconds a WebSocket has to complete its hello (close 1008 hello_timeout beyond).",
+        "turns the deadline off",
     ),
 )
 

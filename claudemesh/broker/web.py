@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from claudemesh import __version__
+from claudemesh.broker.admission import Admission, BrokerRequest
 from claudemesh.broker.hookroute import HookStatusResource
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws import AdmittingWebSocketResource
@@ -369,11 +370,22 @@ class BrokerSite(Site):
     """
 
     displayTracebacks = False
+    requestFactory = BrokerRequest
+    # Set by make_site: the admission of its connections (deadlines and
+    # per-address counts from accept), and the largest request body.
+    admission = None
+    max_body_bytes = 0
 
     def log(self, request):
         """
         Do not log the request (see the class docstring).
         """
+
+    def buildProtocol(self, addr):
+        channel = Site.buildProtocol(self, addr)
+        if self.admission is None:
+            return channel
+        return self.admission.wrap(channel, addr)
 
 
 def make_site(health, clock, settings, broker, ws_factory, registry=None, admin_token=None):
@@ -418,4 +430,7 @@ def make_site(health, clock, settings, broker, ws_factory, registry=None, admin_
     site = BrokerSite(root, reactor=clock)
     site.noisy = False
     site.ws_factory = ws_factory
+    site.max_body_bytes = settings.max_message_bytes
+    site.admission = Admission(clock, settings.header_timeout_seconds, ws_factory.limits,
+                               broker.presence.count_rejected)
     return site

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from claudemesh import __version__, protocol
+from claudemesh.broker.admission import admission_of
 from claudemesh.broker.limits import AddressLimits
 from claudemesh.broker.sessions import IPeerConnection
 from claudemesh.store.interface import StoreUnavailable
@@ -46,6 +47,10 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         self._errors = collections.deque()
         self.peer_address = None
         self._address = None
+        # Whether this protocol counted its address (and releases it); one
+        # counted at accept is released by its AdmittedConnection.
+        self._owns_count = True
+        self._hello_deadline = None
         self._paused = False
         self._paused_bytes = 0
 
@@ -114,6 +119,10 @@ class BrokerServerProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self):
+        # A WebSocket holds a slot: it must say a successful hello soon.
+        timeout = self.factory.hello_timeout
+        if timeout:
+            self._hello_deadline = self.factory.clock.callLater(timeout, self._no_hello)
         # Flow control: the transport tells a registered streaming producer
         # when its buffer fills (the peer stopped reading) and drains. The
         # HTTP channel that did the upgrade is registered there; take over.
@@ -132,8 +141,10 @@ class BrokerServerProtocol(WebSocketServerProtocol):
             self._error(protocol.Refusal("internal", "the broker failed on this frame"))
 
     def onClose(self, wasClean, code, reason):
+        self._cancel_hello_deadline()
         if self._address is not None:
-            self.factory.limits.release(self._address)
+            if self._owns_count:
+                self.factory.limits.release(self._address)
             self._address = None
         session = self._session
         if session is not None:
@@ -195,6 +206,20 @@ class BrokerServerProtocol(WebSocketServerProtocol):
                        errbackArgs=(frame,))
         d.addErrback(self._failed, frame)
 
+    def _no_hello(self):
+        self._hello_deadline = None
+        if self._session is None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.factory.broker.presence.count_rejected("hello_timeout")
+            self.send(protocol.error_frame(
+                "hello_timeout", "no hello within %d s" % (self.factory.hello_timeout,)))
+            self.close(protocol.CLOSE_POLICY, "hello_timeout")
+
+    def _cancel_hello_deadline(self):
+        if self._hello_deadline is not None:
+            if self._hello_deadline.active():
+                self._hello_deadline.cancel()
+            self._hello_deadline = None
+
     def _hello(self, frame):
         self._hello_running = True
         presence = self.factory.broker.presence
@@ -208,6 +233,7 @@ class BrokerServerProtocol(WebSocketServerProtocol):
                 presence.connection_lost(session, self, clean=False)
                 return
             self._session = session
+            self._cancel_hello_deadline()
             self._reply(ack, frame)
             presence.ready(session)
 
@@ -388,7 +414,12 @@ class AdmittingWebSocketResource(WebSocketResource):
         address = factory.limits.address_of(
             getattr(request.getClientAddress(), "host", "unix"),
             forwarded.decode("latin-1") if forwarded else None)
-        refusal = factory.limits.admit(address)
+        # Counted from accept already (claudemesh.broker.admission), unless
+        # it came through a trusted proxy: then it counts here, by the
+        # address the proxy names.
+        admitted = admission_of(request.channel)
+        counted = admitted is not None and admitted.counted == address
+        refusal = factory.limits.admit(address, counted)
         if refusal is not None:
             factory.broker.presence.count_rejected(refusal)
             request.setResponseCode(429)
@@ -399,12 +430,13 @@ class AdmittingWebSocketResource(WebSocketResource):
             channel = request.channel
             request.notifyFinish().addBoth(lambda _: channel.loseConnection())
             return b'{"error":"%s"}' % (refusal.encode("ascii"),)
-        # Autobahn builds the protocol within this call: it takes the count.
-        factory.admitted = address
+        # Autobahn builds the protocol within this call: it takes the
+        # address, and the count when it was made here.
+        factory.admitted = (address, not counted)
         try:
             return WebSocketResource.render(self, request)
         finally:
-            if factory.admitted is not None:
+            if factory.admitted is not None and not counted:
                 # No protocol took it (the upgrade did not start).
                 factory.limits.release(address)
             factory.admitted = None
@@ -436,13 +468,16 @@ class BrokerServerFactory(WebSocketServerFactory):
                                     settings.hello_rate_per_ip, settings.trusted_proxies)
         configure_ws_factory(self, settings)
         self._limits_sweep = None
-        # An address admitted by AdmittingWebSocketResource, for the protocol
-        # built next.
+        # (address, whether the protocol releases its count) admitted by
+        # AdmittingWebSocketResource, for the protocol built next.
         self.admitted = None
+        self.hello_timeout = settings.hello_timeout_seconds
 
     def buildProtocol(self, addr):
         protocol = WebSocketServerFactory.buildProtocol(self, addr)
-        protocol._address, self.admitted = self.admitted, None
+        if self.admitted is not None:
+            protocol._address, protocol._owns_count = self.admitted
+        self.admitted = None
         return protocol
 
     def startFactory(self):
