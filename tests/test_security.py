@@ -1262,6 +1262,18 @@ class SlowlorisTests(SocketBrokerMixin, unittest.TestCase):
         self.assertEqual(self.broker.factory.limits.open_connections("127.0.0.1"), 0)
 
     @defer.inlineCallbacks
+    def test_idle_connections_closed_silently(self):
+        """A connection that sends nothing, or idles after an answer, is closed without a 408."""
+        silent = yield self.raw()
+        kept = yield self.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((yield self.within(kept.answered)), b"200")
+        yield self.settle()
+        self.deadlines.advance(10)
+        yield self.within(defer.gatherResults([silent.lost, kept.lost]))
+        self.assertEqual(silent.received, b"")
+        self.assertNotIn(b"408", kept.received)
+
+    @defer.inlineCallbacks
     def test_cap_counts_from_accept(self):
         """Five silent connections fill the address's cap: the sixth is answered 429 and closed."""
         for _ in range(5):

@@ -10,8 +10,10 @@ accepted: against slow or idle clients holding slots (slowloris, issue 11).
     (L{claudemesh.broker.ws.AdmittingWebSocketResource}).
   - A header deadline (C{--header-timeout-seconds}): a request's headers must
     be complete within that many seconds of accept, or of the previous
-    answer on a kept-alive connection; otherwise HTTP 408 and close. One
-    header line every few seconds no longer keeps a connection open.
+    answer on a kept-alive connection; otherwise HTTP 408 and close (a
+    connection that sent nothing of a next request is closed without an
+    answer). One header line every few seconds no longer keeps a connection
+    open.
   - A body limit (C{--max-message-bytes}): a request declaring a longer body
     is answered 413 at once, before any of the body is read; one without a
     declared length is answered 413 as soon as it passes the limit; nothing
@@ -79,13 +81,22 @@ class AdmittedConnection(policies.ProtocolWrapper):
         policies.ProtocolWrapper.__init__(self, admission, wrapped)
         self.counted = counted
         self._deadline = None
+        # Whether a byte of the next request arrived since the deadline was
+        # armed: an idle kept-alive connection is closed without an answer
+        # (a client could take a 408 for the answer to its next request).
+        self._begun = False
 
     def connectionMade(self):
         self._arm()
 
+    def dataReceived(self, data):
+        self._begun = True
+        policies.ProtocolWrapper.dataReceived(self, data)
+
     def _arm(self):
         timeout = self.factory.header_timeout
         if timeout and self._deadline is None and self.transport is not None:
+            self._begun = False
             self._deadline = self.factory.clock.callLater(timeout, self._too_slow)
 
     def _disarm(self):
@@ -109,8 +120,9 @@ class AdmittedConnection(policies.ProtocolWrapper):
 
     def _too_slow(self):
         self._deadline = None
-        self.factory.count_rejected("header_timeout")
-        self.transport.write(TIMED_OUT)
+        if self._begun:
+            self.factory.count_rejected("header_timeout")
+            self.transport.write(TIMED_OUT)
         self.transport.loseConnection()
 
     def connectionLost(self, reason):
