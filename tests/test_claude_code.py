@@ -100,17 +100,20 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", **extra)
         return env
 
-    def without_inbox_socket(self):
+    def without_inbox_socket(self, **variables):
         """
         Start the MCP server with Claude Code's inbox variables removed
-        (C{env -u}), as on a Claude Code that has no inbox socket.
+        (C{env -u}), as on a Claude Code that has no inbox socket, and
+        C{variables} set.
         """
         path = os.path.join(self.home, ".claude.json")
         with open(path) as f:
             document = json.load(f)
         entry = document["mcpServers"]["claudemesh"]
         entry["args"] = ["-u", "CLAUDE_CODE_MESSAGING_SOCKET", "-u",
-                         "CLAUDE_CODE_MESSAGING_TOKEN", entry["command"]] + entry["args"]
+                         "CLAUDE_CODE_MESSAGING_TOKEN"] + [
+            "%s=%s" % item for item in sorted(variables.items())] + [
+            entry["command"]] + entry["args"]
         entry["command"] = shutil.which("env") or "/usr/bin/env"
         with open(path, "w") as f:
             json.dump(document, f)
@@ -280,6 +283,28 @@ class RealClaudeCodeTests(BrokerProcessMixin, SynchronousTestCase):
         self.assert_one_hook_answer("marker-hook-1", "marker-hook-2")
         self.report("no request shows the model a message twice (%d conversation requests)"
                     % (len(self.api.conversation()),))
+
+    def test_channels_fall_back_to_initialize(self):
+        """Channels opted in, no inbox socket: Claude Code opens the connection with initialize."""
+        self.without_inbox_socket(CLAUDEMESH_CHANNELS="1")
+        self.launch()
+        lines = self.wait_for(lambda: self.debug_lines("Connection established with capabilities"),
+                              timeout=TIMEOUT, what="the MCP handshake in the debug log")
+        self.assertNotIn('"protocolEra":"modern"', lines[0])
+        skipped = self.wait_for(lambda: self.debug_lines("Channel notifications"),
+                                timeout=TIMEOUT, what="Claude Code's channel decision")
+        # Offline, without a claude.ai sign-in, Claude Code says no to
+        # channels for another reason than the protocol revision.
+        self.assertNotIn("modern protocol revision", skipped[0])
+        self.report("handshake: " + lines[0][lines[0].find("{"):][:200])
+        self.report("Claude Code debug: " + skipped[0][-160:])
+
+    def debug_lines(self, text):
+        try:
+            with open(self.debug_log, encoding="utf-8", errors="replace") as f:
+                return [line.strip() for line in f if text in line and "claudemesh" in line]
+        except OSError:
+            return []
 
     # -- helpers -----------------------------------------------------------------------------
 
