@@ -200,6 +200,12 @@ class DeliveredIdsTests(SynchronousTestCase):
         self.assertEqual(len(reread), 3)
         self.assertIn("m-4", reread)
 
+    def test_config_dir_not_made(self):
+        """A missing config directory is not created (it would not be 0700): an OSError."""
+        missing = os.path.join(self.dir, "nope")
+        self.assertRaises(OSError, delivered.DeliveredIds.in_config_dir, missing, "s-x")
+        self.assertFalse(os.path.exists(missing))
+
     def test_memory_only(self):
         """Without a path (the config directory is unusable) it remembers in memory, bounded."""
         ids = delivered.DeliveredIds(None, limit=2)
@@ -346,6 +352,7 @@ class DeliveryPathTests(SynchronousTestCase):
     def test_dedupe_across_restart(self):
         """An id delivered by an earlier server of the session is acked and given to nobody."""
         directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
         ids = delivered.DeliveredIds.in_config_dir(directory, "s-x")
         first = FakeInbox()
         b = self.make(inbox_socket=first, ids=ids)

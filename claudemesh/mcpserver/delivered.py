@@ -60,9 +60,14 @@ class DeliveredIds:
         """
         The store of session C{key} under C{config_dir}, after removing the
         files of sessions gone for L{MAX_AGE_SECONDS}.
+
+        @raise OSError: C{config_dir} does not exist, or is not writable.
         """
         directory = os.path.join(config_dir, DIRECTORY)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(directory):
+            # Not makedirs: a missing config directory is not ours to make
+            # (it would not get its 0700); that fails with an OSError.
+            os.mkdir(directory, 0o700)
         prune(directory, time.time() if now is None else now)
         return cls(os.path.join(directory, key + ".json"), limit)
 

@@ -319,6 +319,7 @@ def build(reactor, loop, environ, mesh=None, mode=None):
     from claudemesh.mcpserver import inbox, local, transcript
     from claudemesh.mcpserver.bridge import Bridge
     from claudemesh.mcpserver.channel import EXPERIMENTAL_CAPABILITIES
+    from claudemesh.mcpserver.delivered import DeliveredIds
     from claudemesh.mcpserver.delivery import Delivery
     from claudemesh.mcpserver.localserver import LocalServer
 
@@ -356,7 +357,7 @@ def build(reactor, loop, environ, mesh=None, mode=None):
         log.info("crossSessionInbound is refuse: not using the inbox socket")
         socket_path = token = None
     delivery = Delivery(
-        mode, delivered_ids(directory, launched, claude_pid),
+        mode, delivered_ids(directory, launched, claude_pid) if entries else DeliveredIds(None),
         inbox=inbox.InboxSocket(reactor, socket_path, token) if socket_path else None,
         notify=outbox.notify, channel_ready=lambda: want_channels and outbox.legacy)
 
