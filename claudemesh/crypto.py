@@ -230,3 +230,50 @@ def decrypt_broadcast(mesh_key: bytes, nonce: str, ciphertext: str) -> bytes:
         return nacl.secret.SecretBox(mesh_key).decrypt(_unb64(ciphertext), _unb64(nonce))
     except (nacl.exceptions.CryptoError, ValueError, TypeError, binascii.Error) as e:
         raise DecryptionFailed(str(e)) from None
+
+
+# -- mesh key epochs (issue 17) ---------------------------------------------
+#
+# A rotated mesh key reaches each member as a crypto_box from the rotating
+# member's key to the recipient's member key (both X25519, derived from the
+# ed25519 identities). The sealed plaintext binds the key to its mesh and
+# epoch, so a broker cannot hand an old epoch's copy out as a newer one, or
+# one mesh's as another's: 16 bytes of SHA-256 over
+# "claudemesh-mesh-key/1|meshId|epoch", then the 32-byte key.
+
+MESH_KEY_TAG = "claudemesh-mesh-key/1"
+_BINDING_BYTES = 16
+
+
+def mesh_key_binding(mesh_id, epoch) -> bytes:
+    return hashlib.sha256(
+        "|".join([MESH_KEY_TAG, mesh_id, str(epoch)]).encode("utf-8")).digest()[:_BINDING_BYTES]
+
+
+def seal_mesh_key(sender: Identity, recipient_pubkey: str, mesh_id, epoch, key: bytes) -> str:
+    """
+    Seal the mesh key of C{epoch} for the member whose ed25519 key is
+    C{recipient_pubkey}: standard base64 of the nonce and the crypto_box.
+    """
+    if len(key) != nacl.secret.SecretBox.KEY_SIZE:
+        raise ValueError("a mesh key is 32 bytes")
+    box = nacl.public.Box(sender.box_private_key(), box_public_key(recipient_pubkey))
+    return _b64(bytes(box.encrypt(mesh_key_binding(mesh_id, epoch) + key)))
+
+
+def open_mesh_key(recipient: Identity, sender_pubkey: str, mesh_id, epoch, sealed: str) -> bytes:
+    """
+    The mesh key of C{epoch} from a copy sealed by C{sender_pubkey}.
+
+    @raise DecryptionFailed: not sealed by that key for this member, or
+        bound to another mesh or epoch.
+    """
+    try:
+        box = nacl.public.Box(recipient.box_private_key(), box_public_key(sender_pubkey))
+        opened = box.decrypt(_unb64(sealed))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError, binascii.Error) as e:
+        raise DecryptionFailed(str(e)) from None
+    binding, key = opened[:_BINDING_BYTES], opened[_BINDING_BYTES:]
+    if binding != mesh_key_binding(mesh_id, epoch) or len(key) != nacl.secret.SecretBox.KEY_SIZE:
+        raise DecryptionFailed("the sealed key is not the key of epoch %d of this mesh" % (epoch,))
+    return key

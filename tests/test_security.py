@@ -386,6 +386,11 @@ SAMPLE_FRAMES = {
     "ban": {"target": "bob"},
     "unban": {"target": "bob"},
     "list_bans": {},
+    "rotate_mesh_key": {"epoch": 1, "reason": "ban", "sealedKeys": [
+        {"memberPubkey": KEY, "sealedKey": "QUJD" * 30}]},
+    "share_mesh_key": {"epoch": 1, "sealedKeys": [
+        {"memberPubkey": KEY, "sealedKey": "QUJD" * 30}]},
+    "get_mesh_key": {"epoch": 1},
 }
 
 

@@ -15,7 +15,9 @@ clock. The parts, each in its own module, and who they call:
   - L{Presence} (presence): hello, grace, departure -> Delivery, HookStatus;
   - L{Membership} (membership): meshes, invites, joins, roles, moderation
     -> Presence;
-  - L{AuditLog} (auditlog): reading and verifying the audit chain.
+  - L{AuditLog} (auditlog): reading and verifying the audit chain;
+  - L{MeshKeys} (meshkeys): mesh key epochs and their rotation (issue 17);
+    Delivery asks it about stale epochs, Presence for the hello_ack's epoch.
 
 docs/design.md draws the whole house.
 """
@@ -28,6 +30,7 @@ from claudemesh.broker.delivery import Delivery
 from claudemesh.broker.groupcommit import GroupCommit
 from claudemesh.broker.hook import HookStatus
 from claudemesh.broker.membership import Membership
+from claudemesh.broker.meshkeys import MeshKeys
 from claudemesh.broker.presence import Presence
 from claudemesh.broker.replay import LocalReplayMemory
 from claudemesh.broker.sessions import IPeerConnection, MeshDirectory
@@ -62,11 +65,14 @@ class Broker(service.Service):
         self.metrics = metrics
         self.writes = GroupCommit(store, clock, metrics)
         self.meshes = MeshDirectory(store)
-        self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics)
+        self.mesh_keys = MeshKeys(store, self.writes, clock)
+        self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics,
+                                 key_epochs=self.mesh_keys.refuse_send)
         self.status = StatusBoard(self.meshes, self.writes, self.delivery, clock, settings)
         self.hooks = HookStatus(self.meshes, self.status, clock, settings, self.replays)
         self.presence = Presence(self.meshes, self.writes, store, self.delivery, self.hooks,
-                                 clock, settings, self.replays, metrics)
+                                 clock, settings, self.replays, metrics,
+                                 hello_fields=self.mesh_keys.hello_fields)
         self.membership = Membership(self.meshes, store, self.writes, self.presence, clock,
                                      settings, self.replays)
         self.audit = AuditLog(store, self.writes, settings)
@@ -101,6 +107,9 @@ class Broker(service.Service):
             "ban": membership.ban,
             "unban": membership.unban,
             "list_bans": membership.list_bans,
+            "rotate_mesh_key": self.mesh_keys.rotate,
+            "share_mesh_key": self.mesh_keys.share,
+            "get_mesh_key": self.mesh_keys.get,
         }
 
     # -- service -------------------------------------------------------------

@@ -45,7 +45,9 @@ def push_payload(row):
         messageId=row.message_id, meshId=row.mesh_id, senderPubkey=row.sender_pubkey,
         senderMemberPubkey=row.sender_member_pubkey, targetSpec=row.target_spec,
         priority=row.priority, nonce=row.nonce, ciphertext=row.ciphertext,
-        createdAt=iso_millis(row.created_at), seq=row.seq).to_wire())
+        createdAt=iso_millis(row.created_at), seq=row.seq,
+        # Issue 17: broadcasts and group messages say their key epoch.
+        keyEpoch=row.key_epoch if protocol.is_broadcast(row.target_spec) else None).to_wire())
 
 
 class Delivery:
@@ -56,11 +58,16 @@ class Delivery:
     @param writes: the L{claudemesh.broker.groupcommit.GroupCommit}: every
         write and every claim goes through it, in order.
     @param store: for the reads that need no ordering (C{message_status}).
+    @param key_epochs: C{key_epochs(session, frame, broadcast)}, why a send
+        must be refused for its key epoch (C{(error, current epoch)}) or
+        C{None} (issue 17, L{claudemesh.broker.meshkeys.MeshKeys.refuse_send}).
     """
 
     _log = Logger()
 
-    def __init__(self, meshes, writes, store, clock, settings, metrics=None):
+    def __init__(self, meshes, writes, store, clock, settings, metrics=None,
+                 key_epochs=lambda session, frame, broadcast: None):
+        self._key_epochs = key_epochs
         self._meshes = meshes
         self._writes = writes
         self._store = store
@@ -201,11 +208,12 @@ class Delivery:
         """
         client_id = frame.id or ""
 
-        def refused(reason, error):
+        def refused(reason, error, current_epoch=None):
             if self._metrics is not None:
                 self._metrics.messages_rejected.labels(reason).inc()
             return defer.succeed(protocol.Ack(
-                id=client_id, messageId="", queued=False, error=error).to_wire())
+                id=client_id, messageId="", queued=False, error=error,
+                currentEpoch=current_epoch).to_wire())
 
         settings = self._settings
         if not self._send_buckets.take(session.member.id):
@@ -215,6 +223,11 @@ class Delivery:
         if settings.max_message_bytes and size > settings.max_message_bytes:
             return refused("too_large", "payload too large: %d bytes > MAX_MESSAGE_BYTES=%d" % (
                 size, settings.max_message_bytes))
+        # Issue 17: broadcasts and group messages sealed under an old key.
+        broadcast = protocol.is_broadcast(frame.targetSpec)
+        stale = self._key_epochs(session, frame, broadcast)
+        if stale is not None:
+            return refused(stale[0].partition(":")[0], stale[0], stale[1])
         routed, busy = self._route(session, frame.targetSpec, frame.priority)
         if routed is None:
             return refused("unknown_target", "unknown_target")
@@ -233,6 +246,7 @@ class Delivery:
             expires_at=now + settings.message_ttl_seconds * 1000,
             deliveries=tuple(delivery for delivery, _ in routed),
             client_id=frame.id,
+            key_epoch=frame.keyEpoch if broadcast else 0,
         )
         audit = AuditEvent(session.mesh.id, "message_sent", session.member.id, {
             "targetSpec": frame.targetSpec, "priority": frame.priority,

@@ -1,6 +1,6 @@
 """
-System events: the presence and status pushes the broker sends on its own
-(C{subtype: "system"}), to the live sessions of a mesh.
+System events: the presence, status and mesh key pushes the broker sends on
+its own (C{subtype: "system"}), to the live sessions of a mesh.
 """
 
 import uuid
@@ -33,20 +33,30 @@ def broadcast_system(about, event, data, now, watchers_only=False):
     (watchers see their own member's sessions too). With C{watchers_only},
     to the watching sessions alone.
     """
+    push_system(about.mesh, event, data, [
+        other for other in about.mesh.sessions.values()
+        if other is not about and (other.watch or (
+            not watchers_only and other.announced and other.member.id != about.member.id))],
+        now)
+
+
+def push_system(mesh, event, data, sessions, now):
+    """
+    Push the system event C{event} (C{eventData} C{data}) to those of
+    C{sessions} that are live and hear events (receiving or watching).
+    """
     payload = None
-    for other in about.mesh.sessions.values():
-        if not other.live or other is about:
+    for other in sessions:
+        if not other.live or not (other.announced or other.watch):
             continue
-        if other.watch or (not watchers_only and other.announced
-                           and other.member.id != about.member.id):
-            if payload is None:
-                payload = protocol.encode(protocol.SystemPush(
-                    event=event, eventData=data, messageId=str(uuid.uuid4()),
-                    meshId=about.mesh.id, createdAt=iso_millis(now)).to_wire())
-            try:
-                other.connection.send_encoded(payload)
-            except Exception as e:
-                # One connection that cannot take it must not keep the
-                # event from the others.
-                _log.warn("could not send {event} to a session: {error}",
-                          event=event, error=str(e)[:200])
+        if payload is None:
+            payload = protocol.encode(protocol.SystemPush(
+                event=event, eventData=data, messageId=str(uuid.uuid4()),
+                meshId=mesh.id, createdAt=iso_millis(now)).to_wire())
+        try:
+            other.connection.send_encoded(payload)
+        except Exception as e:
+            # One connection that cannot take it must not keep the event
+            # from the others.
+            _log.warn("could not send {event} to a session: {error}",
+                      event=event, error=str(e)[:200])

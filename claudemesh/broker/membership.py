@@ -353,7 +353,8 @@ class Membership:
                                    "(set_role <member> owner)")
         mesh = session.mesh
         yield self._store.remove_member(member.id, [self._event(
-            mesh.id, "member_left", member.id, {"pubkey": member.pubkey})])
+            mesh.id, "member_left", member.id, {"pubkey": member.pubkey,
+                                                "name": member.display_name})])
         mesh.drop_member(member)
         self._presence.forget_member_keys(mesh, member.id)
         for s in mesh.sessions_of(member.id):

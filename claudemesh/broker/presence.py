@@ -36,17 +36,21 @@ class Presence:
     @param delivery: told when a session's connection comes and goes (its
         outbox, its leases).
     @param hooks: asked for a status report that arrived before the hello.
+    @param hello_fields: C{hello_fields(mesh, member)}, a L{Deferred} of
+        what else the C{hello_ack} carries (issue 17: the key epoch,
+        L{claudemesh.broker.meshkeys.MeshKeys.hello_fields}).
     """
 
     _log = Logger()
 
     def __init__(self, meshes, writes, store, delivery, hooks, clock, settings, replays,
-                 metrics=None):
+                 metrics=None, hello_fields=lambda mesh, member: defer.succeed({})):
         """
         @param replays: the L{IReplayMemory} each signed hello is used once
             through.
         """
         self._replays = replays
+        self._hello_fields = hello_fields
         self._meshes = meshes
         self._writes = writes
         self._store = store
@@ -131,6 +135,7 @@ class Presence:
             if limit and mesh.live_count() >= limit:
                 raise refuse("capacity", "mesh at connection capacity")
         display_name = hello.displayName or member.display_name
+        extra = yield self._hello_fields(mesh, member)
         session, restored = self._attach(mesh, member, hello, connection, display_name, now)
         if self._metrics is not None:
             self._metrics.connections_total.inc()
@@ -140,7 +145,8 @@ class Presence:
             memberId=member.id, memberDisplayName=display_name, role=member.role,
             serverTime=now, statusTtlSeconds=self._settings.status_ttl_seconds,
             hookFreshWindowSeconds=self._settings.hook_fresh_window_seconds,
-            restored=True if restored else None, watch=True if session.watch else None)
+            restored=True if restored else None, watch=True if session.watch else None,
+            **extra)
         return session, ack.to_wire()
 
     def _bind_session_key(self, mesh, member, session_pubkey, now):

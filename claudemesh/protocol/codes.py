@@ -115,6 +115,14 @@ def is_valid_name(value) -> bool:
     )
 
 
+def is_broadcast(target_spec) -> bool:
+    """
+    Is a message to C{target_spec} sealed with the mesh key: C{*}, C{@all}
+    or C{@group} (the rest are direct messages, sealed to one key)?
+    """
+    return target_spec == "*" or target_spec.startswith("@")
+
+
 def is_valid_group(value) -> bool:
     return isinstance(value, str) and len(value) <= MAX_GROUP_LENGTH and bool(
         _GROUP.match(value)

@@ -13,6 +13,7 @@ import re
 
 import attr
 
+from claudemesh.crypto import is_pubkey
 from claudemesh.protocol.codes import (
     MAX_CURSOR_LENGTH,
     MAX_GROUPS,
@@ -192,6 +193,9 @@ class Send:
     ciphertext = field(_text(2**31, 0))
     priority = field(_choice(*PRIORITIES), "next")
     id = field(_text(MAX_ID_LENGTH), None)
+    # The mesh key epoch a broadcast or group message is sealed under
+    # (absent: 0, the invite link's key); ignored for direct messages.
+    keyEpoch = field(_integer(0), 0)
     _reqId = field(_REQ_ID, None)
 
 
@@ -447,4 +451,86 @@ class Unban:
 class ListBans:
     # Where the previous page ended (its reply's nextCursor).
     cursor = field(_text(MAX_CURSOR_LENGTH), None)
+    _reqId = field(_REQ_ID, None)
+
+
+# -- mesh key epochs (issue 17, docs/protocol.md "Mesh key epochs") -----------
+
+# A sealed copy of a mesh key is opaque to the broker: standard base64 of at
+# most this many bytes (today's copies are 88: nonce, MAC, binding, key).
+MAX_SEALED_KEY_BYTES = 256
+MIN_SEALED_KEY_BYTES = 40
+MAX_REASON_LENGTH = 200
+_BASE64 = re.compile(r"\A[A-Za-z0-9+/]*={0,2}\Z")
+
+
+def _sealed_key(value):
+    if not isinstance(value, str) or len(value) > 4 * (MAX_SEALED_KEY_BYTES // 3 + 1):
+        raise _Bad("must be base64 of at most %d bytes" % (MAX_SEALED_KEY_BYTES,))
+    if len(value) % 4 or not _BASE64.match(value):
+        raise _Bad("must be standard padded base64")
+    size = len(value) // 4 * 3 - value.count("=")
+    if not MIN_SEALED_KEY_BYTES <= size <= MAX_SEALED_KEY_BYTES:
+        raise _Bad("must hold %d to %d bytes" % (MIN_SEALED_KEY_BYTES, MAX_SEALED_KEY_BYTES))
+    return value
+
+
+def _sealed_keys(value):
+    """
+    C{[{memberPubkey, sealedKey}]}: one sealed copy per member key, each
+    member at most once.
+    """
+    if not isinstance(value, list):
+        raise _Bad("must be a list of {memberPubkey, sealedKey}")
+    kept = []
+    seen = set()
+    for item in value:
+        if not isinstance(item, dict):
+            raise _Bad("must hold objects {memberPubkey, sealedKey}")
+        pubkey = item.get("memberPubkey")
+        if not is_pubkey(pubkey):
+            raise _Bad("memberPubkey must be 64 lowercase hex characters")
+        if pubkey in seen:
+            raise _Bad("names member %s… twice" % (pubkey[:16],))
+        seen.add(pubkey)
+        try:
+            sealed = _sealed_key(item.get("sealedKey"))
+        except _Bad as e:
+            raise _Bad("sealedKey %s" % (e.args[0],)) from None
+        kept.append((pubkey, sealed))
+    return tuple(kept)
+
+
+@frame("rotate_mesh_key")
+class RotateMeshKey:
+    """
+    Upload one part of a new mesh key epoch: a sealed copy for each current
+    member; C{more} when further parts follow. The last part commits.
+    """
+
+    epoch = field(_integer(1))
+    sealedKeys = field(_sealed_keys)
+    reason = field(_text(MAX_REASON_LENGTH, 1), None)
+    more = field(_boolean, False)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("share_mesh_key")
+class ShareMeshKey:
+    """
+    Sealed copies of the current epoch's key for members who have none.
+    """
+
+    epoch = field(_integer(1))
+    sealedKeys = field(_sealed_keys)
+    _reqId = field(_REQ_ID, None)
+
+
+@frame("get_mesh_key")
+class GetMeshKey:
+    """
+    The caller's own sealed copy of the key of C{epoch}.
+    """
+
+    epoch = field(_integer(0))
     _reqId = field(_REQ_ID, None)

@@ -59,6 +59,10 @@ class HelloAck:
     serverTime = attr.ib()
     statusTtlSeconds = attr.ib()
     hookFreshWindowSeconds = attr.ib()
+    # Issue 17: the mesh's current key epoch, and for owners and admins
+    # what they should know about it (docs/protocol.md "Mesh key epochs").
+    keyEpoch = attr.ib(default=0)
+    keyStatus = _optional()
     restored = _optional()
     watch = _optional()
 
@@ -77,6 +81,8 @@ class Ack:
     messageId = attr.ib()
     queued = attr.ib()
     error = _optional()
+    # With stale_key_epoch and unknown_key_epoch (issue 17).
+    currentEpoch = _optional()
 
 
 @outbound("push")
@@ -91,6 +97,8 @@ class Push:
     ciphertext = attr.ib()
     createdAt = attr.ib()
     seq = attr.ib()
+    # Broadcasts and group messages: the mesh key epoch that opens them.
+    keyEpoch = _optional()
 
 
 @outbound("push")
@@ -191,6 +199,39 @@ class UnbanAck:
 @outbound("list_bans_result")
 class ListBansResult:
     bans = attr.ib()
+
+
+# -- mesh key epochs (issue 17) --------------------------------------------------
+
+
+@outbound("rotate_mesh_key_ack")
+class RotateMeshKeyAck:
+    """
+    A rotation's part was staged (C{committed} false, C{staged} copies so
+    far) or the rotation committed (C{members} copies).
+    """
+
+    epoch = attr.ib()
+    committed = attr.ib()
+    staged = _optional()
+    members = _optional()
+
+
+@outbound("share_mesh_key_ack")
+class ShareMeshKeyAck:
+    epoch = attr.ib()
+    shared = attr.ib()
+
+
+@outbound("mesh_key")
+class MeshKey:
+    """
+    The caller's member's sealed copy of one epoch's key.
+    """
+
+    epoch = attr.ib()
+    sealedKey = attr.ib()
+    sealedBy = attr.ib()
 
 
 # -- audit ---------------------------------------------------------------------

@@ -301,6 +301,46 @@ class IStore(Interface):
         The number of deliveries queued or leased (for the metrics gauge).
         """
 
+    # -- mesh key epochs (issue 17) ------------------------------------------
+
+    def current_key_epoch(mesh_id):
+        """
+        The mesh's current key epoch: that of its last committed rotation,
+        0 (the invite links' key) before any.
+        """
+
+    def rotate_mesh_key(rotation, audit=()):
+        """
+        Commit a L{KeyRotation} in one transaction with C{audit}: only when
+        its C{epoch} is the current one plus one and its copies name exactly
+        the mesh's members in good standing (not banned), each once. Fires
+        with a L{KeyUpload}: C{stored} true and the new epoch current, or
+        nothing stored and C{missing}/C{unexpected} saying how the copies
+        and the members differ (both empty when the epoch was not the next).
+        """
+
+    def share_mesh_key(mesh_id, epoch, copies, sealed_by, created_at):
+        """
+        Store sealed copies (C{((member_id, sealed_key), ...)}) of the
+        current epoch's key for members in good standing; a member that has
+        one keeps it. Fires with a L{KeyUpload}: nothing stored when C{epoch}
+        is not current (or is 0) or some id is not such a member
+        (C{unexpected}); else C{shared} counts the copies stored.
+        """
+
+    def get_mesh_key_copy(mesh_id, epoch, member_id):
+        """
+        The member's L{SealedKeyCopy} of that epoch's key, or C{None}.
+        """
+
+    def mesh_key_report(mesh_id, limit):
+        """
+        A L{MeshKeyReport}: the current epoch; the members who left or were
+        banned since it began (by the audit log) and are not members in good
+        standing again; and up to C{limit} members in good standing with no
+        sealed copy of its key (none for epoch 0).
+        """
+
     # -- audit --------------------------------------------------------------
 
     def append_audit(events):

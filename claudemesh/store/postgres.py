@@ -374,6 +374,8 @@ class PostgresDialect(Dialect):
     take advisory locks, and a claim skips rows another claim holds.
     """
 
+    row_lock = " FOR UPDATE"
+
     def __init__(self, schema):
         self.schema = schema
 

@@ -128,6 +128,9 @@ class NewMessage:
     expires_at: int
     deliveries: tuple = ()
     client_id: str | None = None
+    # The mesh key epoch a broadcast or group message is sealed under
+    # (issue 17); 0 for direct messages.
+    key_epoch: int = 0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -196,6 +199,7 @@ class ClaimedDelivery:
     created_at: int
     seq: int
     attempts: int
+    key_epoch: int = 0
 
     @classmethod
     def fresh(cls, message, delivery, seq):
@@ -206,7 +210,8 @@ class ClaimedDelivery:
         return cls(message.id, delivery.recipient_key, delivery.recipient_kind,
                    message.mesh_id, delivery.member_id, message.sender_pubkey,
                    message.sender_member_pubkey, message.target_spec, message.priority,
-                   message.nonce, message.ciphertext, message.created_at, seq, 1)
+                   message.nonce, message.ciphertext, message.created_at, seq, 1,
+                   message.key_epoch)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -308,3 +313,83 @@ class BatchOutcome:
 
     enqueued: list
     claimed: list
+
+
+# -- mesh key epochs (issue 17) ----------------------------------------------
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class KeyRotation:
+    """
+    A new mesh key epoch to commit: the sealed copies of its key, one per
+    current member (C{copies}: C{((member_id, sealed_key), ...)}), sealed by
+    the member C{rotated_by} whose key is C{sealed_by}.
+    """
+
+    mesh_id: str
+    epoch: int
+    rotated_by: str
+    sealed_by: str
+    reason: str
+    created_at: int
+    copies: tuple = ()
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class KeyUpload:
+    """
+    What L{IStore.rotate_mesh_key} or L{IStore.share_mesh_key} did.
+
+    @ivar stored: whether the copies were stored (for a rotation: the epoch
+        committed).
+    @ivar current_epoch: the mesh's current epoch after the call.
+    @ivar missing: member ids of current members the upload left out.
+    @ivar unexpected: member ids named that are not current members.
+    @ivar shared: how many copies a share stored (members who had one
+        already are skipped).
+    """
+
+    stored: bool
+    current_epoch: int
+    missing: tuple = ()
+    unexpected: tuple = ()
+    shared: int = 0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SealedKeyCopy:
+    """
+    One member's sealed copy of one epoch's key.
+    """
+
+    mesh_id: str
+    epoch: int
+    member_id: str
+    sealed_key: str
+    sealed_by: str
+    created_at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Departure:
+    """
+    A member who left or was banned since the mesh key last changed.
+    """
+
+    event_type: str
+    pubkey: str
+    name: str | None
+    at: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class MeshKeyReport:
+    """
+    What an owner or admin is told at hello: the current epoch, who left
+    since it began (C{departures}, oldest first), and the current members
+    without a sealed copy of its key (C{without_copy}: L{MemberRecord}s).
+    """
+
+    epoch: int
+    departures: tuple = ()
+    without_copy: tuple = ()

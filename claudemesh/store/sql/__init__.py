@@ -12,7 +12,9 @@ store's. The transaction functions live with their domain:
   - L{claudemesh.store.sql.sessions}: the session mirror and lease releases;
   - L{claudemesh.store.sql.messages}: messages, deliveries, claims, acks and
     retention;
-  - L{claudemesh.store.sql.audit}: the audit chain.
+  - L{claudemesh.store.sql.audit}: the audit chain;
+  - L{claudemesh.store.sql.meshkeys}: mesh key epochs and their sealed
+    copies (issue 17).
 
 What differs between SQLite and Postgres is small and lives in a I{dialect}
 object (L{Dialect}): how message sequence numbers are taken, how the audit
@@ -30,6 +32,7 @@ from claudemesh.store.interface import IStore
 from claudemesh.store.records import BatchOutcome
 from claudemesh.store.sql.audit import AuditStore
 from claudemesh.store.sql.meshes import MeshStore
+from claudemesh.store.sql.meshkeys import MeshKeyStore
 from claudemesh.store.sql.messages import MessageStore, ack_deliveries_txn, enqueue_txn
 from claudemesh.store.sql.operations import Execute
 from claudemesh.store.sql.sessions import (
@@ -46,7 +49,13 @@ class Dialect:
     The portable half of a dialect; a backend's dialect overrides what its
     database does better or must do differently. Every method is a
     generator of SQL operations.
+
+    @ivar row_lock: appended to a C{SELECT} whose rows must stay as read
+        until the transaction ends (Postgres: C{FOR UPDATE}; SQLite's one
+        connection serialises every transaction anyway).
     """
+
+    row_lock = ""
 
     def update_session_rows(self, columns, rows):
         """
@@ -81,7 +90,7 @@ class Dialect:
 
 
 @implementer(IStore)
-class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore):
+class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore, MeshKeyStore):
     """
     The L{IStore} methods for an engine that provides C{dialect} and
     C{_run_transaction(txn_function, args, write)} (a L{Deferred} of the

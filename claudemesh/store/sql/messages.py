@@ -36,6 +36,7 @@ MESSAGE_COLUMNS = (
     "ciphertext",
     "created_at",
     "expires_at",
+    "key_epoch",
     "seq",
 )
 DELIVERY_COLUMNS = (
@@ -59,8 +60,10 @@ SEND_KEY_COLUMNS = ("sender_member_id", "client_id", "message_id", "expires_at")
 CLAIMED_SELECT = (
     "{d}.message_id, {d}.recipient_key, {d}.recipient_kind, {d}.mesh_id, "
     "{d}.member_id, m.sender_pubkey, m.sender_member_pubkey, m.target_spec, "
-    "{d}.priority, m.nonce, m.ciphertext, m.created_at, {d}.seq, {d}.attempts"
+    "{d}.priority, m.nonce, m.ciphertext, m.created_at, {d}.seq, {d}.attempts,"
+    " m.key_epoch"
 )
+_ATTEMPTS = [f.name for f in attr.fields(ClaimedDelivery)].index("attempts")
 
 
 def claimable_where(request, alias="d"):
@@ -100,7 +103,7 @@ def claimable_where(request, alias="d"):
 
 def claimed_from_row(row, attempts_delta=0) -> ClaimedDelivery:
     values = list(row)
-    values[-1] = int(values[-1]) + attempts_delta
+    values[_ATTEMPTS] = int(values[_ATTEMPTS]) + attempts_delta
     return ClaimedDelivery(*values)
 
 
