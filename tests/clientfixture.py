@@ -111,7 +111,9 @@ class InProcessBroker:
         invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
                                       reply["inviteId"], role, reply["expiresAt"],
                                       entry.brokerUrl)
-        return messages.invite_link(invite, entry.mesh_key)
+        # The current key epoch's key, as claudemesh invite does.
+        epoch, key = owner_client.mesh_keys.invite_key()
+        return messages.invite_link(invite, key, epoch)
 
     @defer.inlineCallbacks
     def join(self, link, name):

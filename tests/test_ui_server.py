@@ -13,7 +13,7 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudemesh import crypto
-from claudemesh.client import config, connection, history
+from claudemesh.client import config, connection, history, meshkeys
 from claudemesh.webui import server, watch
 from tests.test_client_units import make_entry
 
@@ -42,6 +42,7 @@ class FakeClient:
         self.stopped = False
         self.replies = {}
         self._done = defer.Deferred()
+        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(entry))
 
     @property
     def pubkey(self):

@@ -29,7 +29,7 @@ from claudemesh.cli.main import (
     EXIT_PERMISSION,
 )
 from claudemesh.client import config as configuration
-from claudemesh.client import connection, history, membership, messages
+from claudemesh.client import connection, history, membership, meshkeys, messages
 
 DEFAULT_BROKER_URL = "ws://localhost:7900/ws"
 REQUEST_TIMEOUT = 10.0
@@ -254,6 +254,11 @@ def with_mesh(reactor, arguments, environ, action, receive=False, on_message=Non
     try:
         yield client.start()
         result = yield action(client)
+        # Issue 17: key copies being fetched or shared, then what an owner
+        # or admin should know about the mesh key.
+        yield client.mesh_keys.settled()
+        for line in client.mesh_keys.notices():
+            err("claudemesh: %s" % (line,))
     finally:
         if not client.outcome:
             try:
@@ -339,7 +344,13 @@ def cmd_invite(reactor, arguments, environ):
         invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
                                       reply["inviteId"], arguments.role, reply["expiresAt"],
                                       entry.brokerUrl)
-        link = messages.invite_link(invite, entry.mesh_key)
+        # The current epoch's key (issue 17), fetched at hello if need be.
+        yield client.mesh_keys.settled()
+        try:
+            epoch, key = client.mesh_keys.invite_key()
+        except meshkeys.NoKey as e:
+            raise CommandFailed(str(e)) from None
+        link = messages.invite_link(invite, key, epoch)
         if arguments.json:
             out_json({"link": link, "inviteId": reply["inviteId"],
                       "expiresAt": reply["expiresAt"]})
@@ -407,6 +418,7 @@ def cmd_join(reactor, arguments, environ):
         entry.slug = existing[0].slug
         if not parsed.mesh_key and existing[0].meshKey:
             entry.meshKey = existing[0].meshKey
+            entry.meshKeyEpoch = existing[0].meshKeyEpoch
     else:
         entry.slug = _unique_slug(config, entry.slug, entry.meshId)
     config.put(entry)
@@ -715,11 +727,38 @@ def cmd_ban(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
         reply = yield request(client, {"type": "ban", "target": arguments.peer})
-        if arguments.json:
-            out_json({"banned": reply["banned"]})
-        else:
+        document = {"banned": reply["banned"]}
+        if not arguments.json:
             out("Banned %s. They can no longer connect or rejoin until unbanned."
                 % (reply["banned"],))
+        if not arguments.no_rotate:
+            # Issue 17: what is broadcast from now on, they cannot read.
+            document["rotated"] = yield _rotate(client, arguments,
+                                                "ban of %s" % (reply["banned"],))
+        if arguments.json:
+            out_json(document)
+
+    return with_mesh(reactor, arguments, environ, action)
+
+
+@defer.inlineCallbacks
+def _rotate(client, arguments, reason):
+    """
+    Rotate the mesh key (claudemesh.client.meshkeys) and say so.
+    """
+    epoch, names = yield client.mesh_keys.rotate(reason)
+    if not arguments.json:
+        out("Rotated the mesh key to epoch %d, sealed for %d member%s: %s." % (
+            epoch, len(names), "" if len(names) == 1 else "s", ", ".join(sorted(names))))
+    return {"epoch": epoch, "members": sorted(names)}
+
+
+def cmd_rotate_key(reactor, arguments, environ):
+    @defer.inlineCallbacks
+    def action(client):
+        document = yield _rotate(client, arguments, arguments.reason or "manual")
+        if arguments.json:
+            out_json(document)
 
     return with_mesh(reactor, arguments, environ, action)
 
@@ -776,6 +815,7 @@ NETWORKED = {
     "disconnect": _remove("disconnect", "Disconnected", DISCONNECT_HINT),
     "kick": _remove("kick", "Kicked", KICK_HINT),
     "ban": cmd_ban,
+    "rotate-key": cmd_rotate_key,
     "unban": cmd_unban,
     "bans": cmd_bans,
 }

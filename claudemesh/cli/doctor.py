@@ -28,7 +28,7 @@ from claudemesh.cli import install, launch
 from claudemesh.cli.commands import out, out_json, session_id
 from claudemesh.cli.main import EXIT_FAILURE, EXIT_OK
 from claudemesh.client import config as configuration
-from claudemesh.client import connection
+from claudemesh.client import connection, meshkeys
 
 CONNECT_TIMEOUT = 5.0
 MAX_SKEW_SECONDS = 30.0
@@ -222,11 +222,35 @@ def broker_checks(reactor, report, entry):
                        "%s: clock skew against the broker %+.1f s" % (entry.slug, skew),
                        "synchronise this machine's clock (NTP); the broker refuses "
                        "signatures more than 60 s off")
+        yield key_checks(report, entry, client)
     finally:
         try:
             yield client.stop()
         except connection.ClientError:
             pass
+
+
+@defer.inlineCallbacks
+def key_checks(report, entry, client):
+    """
+    Issue 17: does this member hold the key of the mesh's current epoch, and
+    (owners and admins) has everyone who left since the last rotation been
+    rotated out?
+    """
+    keys = client.mesh_keys
+    yield keys.settled()
+    epoch = keys.current or 0
+    held = keys.key_of(epoch) is not None
+    report.add(held, "%s: mesh key of the current epoch %d %s" % (
+        entry.slug, epoch, "held" if held else "missing (broadcasts unreadable)"),
+        "an owner's or admin's claudemesh seals one for you when it next connects; "
+        "then run claudemesh doctor again")
+    departed = (keys.status or {}).get("departedSinceRotation")
+    if keys.status is not None:
+        report.add(not departed, "%s: %s" % (
+            entry.slug, meshkeys.departure_notice(departed, keys.status.get("departedTotal"))
+            if departed else "no member left or was banned since the mesh key was last "
+            "rotated"), "claudemesh rotate-key --mesh %s" % (entry.slug,))
 
 
 @defer.inlineCallbacks

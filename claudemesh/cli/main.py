@@ -58,7 +58,8 @@ COMMANDS = [
     ("audit", "show (or --verify) the mesh's audit log (admins)", True),
     ("disconnect", "reset peers' connections; they reconnect by themselves", True),
     ("kick", "end peers' sessions; they can rejoin by running claudemesh", True),
-    ("ban", "remove a member's access to the mesh", True),
+    ("ban", "remove a member's access to the mesh (and rotate the mesh key)", True),
+    ("rotate-key", "give the mesh a new key that removed members never get (admins)", True),
     ("unban", "restore a banned member's access", True),
     ("bans", "list banned members", True),
     ("launch", "start Claude Code on your mesh (what a bare 'claudemesh' does)", False),
@@ -143,6 +144,11 @@ def _make_parser():
         p.add_argument("--all", action="store_true", help="every session but yours")
     for verb in ("ban", "unban"):
         parsers[verb].add_argument("peer", help="display name or key prefix (8+ hex)")
+    parsers["ban"].add_argument("--no-rotate", action="store_true",
+                                help="keep the mesh key (the banned member can still read "
+                                     "broadcasts sealed with it)")
+    parsers["rotate-key"].add_argument("--reason", metavar="TEXT",
+                                       help="recorded in the audit log (default: manual)")
     p = parsers["launch"]
     p.add_argument("--name", help="your display name in this session")
     p.add_argument("--mode", choices=("push", "inbox", "off"),

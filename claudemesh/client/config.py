@@ -6,10 +6,12 @@ Layout (DESIGN section 4, issue 5)::
     $CLAUDEMESH_CONFIG_DIR or ~/.claudemesh/      mode 0700
         config.json                               mode 0600, written atomically
         sessions/<mesh slug>/<session id>.json    session keys of long-lived clients
+        keys/<meshId>.json                        mesh keys of later epochs, 0600
 
 C{config.json} is C{{version: 1, meshes: [...]}}; each mesh entry holds the
 original's fields (C{meshId, memberId, slug, name, pubkey, secretKey,
-brokerUrl, joinedAt}) plus ours (C{meshKey, role, displayName}). Unknown
+brokerUrl, joinedAt}) plus ours (C{meshKey, role, displayName}, and
+C{meshKeyEpoch} when the key is of a later epoch than 0). Unknown
 keys of an entry are kept as they were, so a newer client's fields survive an
 older client's write.
 
@@ -70,6 +72,13 @@ class MeshEntry:
     role: str = "member"
     displayName: str | None = None
     extra: dict = attr.ib(factory=dict)
+    # The key epoch of meshKey (issue 17): 0 for the key a mesh started
+    # with, N for a link made after its N-th rotation. Other epochs' keys
+    # live in the key ring (claudemesh.client.meshkeys).
+    meshKeyEpoch: int = 0
+    # The config directory this entry was read from (not stored), where its
+    # key ring is kept; None for an entry made in memory.
+    directory: str | None = attr.ib(default=None, eq=False)
 
     REQUIRED = ("meshId", "memberId", "slug", "name", "pubkey", "secretKey", "brokerUrl",
                 "joinedAt")
@@ -109,7 +118,10 @@ class MeshEntry:
             except (ValueError, TypeError):
                 raise ConfigError(
                     "%s: mesh %r has a malformed meshKey" % (where, obj["slug"])) from None
-        known = set(cls.REQUIRED) | {"meshKey", "role", "displayName"}
+        epoch = obj.get("meshKeyEpoch", 0)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError("%s: mesh %r has a malformed meshKeyEpoch" % (where, obj["slug"]))
+        known = set(cls.REQUIRED) | {"meshKey", "role", "displayName", "meshKeyEpoch"}
         return cls(
             **{k: obj[k] for k in cls.REQUIRED},
             meshKey=mesh_key,
@@ -117,6 +129,7 @@ class MeshEntry:
             displayName=obj.get("displayName") if isinstance(obj.get("displayName"), str)
             else None,
             extra={k: v for k, v in obj.items() if k not in known},
+            meshKeyEpoch=epoch,
         )
 
     def to_json(self):
@@ -127,6 +140,8 @@ class MeshEntry:
         obj["role"] = self.role
         if self.displayName is not None:
             obj["displayName"] = self.displayName
+        if self.meshKeyEpoch:
+            obj["meshKeyEpoch"] = self.meshKeyEpoch
         return obj
 
 
@@ -226,6 +241,8 @@ def load(directory):
     if not isinstance(obj["meshes"], list):
         raise ConfigError("%s: 'meshes' must be a list; it was left as it is." % (path,))
     entries = [MeshEntry.from_json(item, path) for item in obj["meshes"]]
+    for entry in entries:
+        entry.directory = directory
     extra = {k: v for k, v in obj.items() if k not in ("version", "meshes")}
     return Config(entries, extra)
 

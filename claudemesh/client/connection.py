@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudemesh import crypto
-from claudemesh.client import messages
+from claudemesh.client import meshkeys, messages
 
 BACKOFF_CAPS = (1, 2, 4, 8, 16, 30)
 HELLO_TIMEOUT = 5.0
@@ -249,7 +249,8 @@ class MeshClient:
         self.max_attempts = max_attempts
         self._random = random
         self._endpoint_factory = endpoint_factory
-        self._mesh_key = mesh.mesh_key
+        # Issue 17: the mesh's keys by epoch (claudemesh.client.meshkeys).
+        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(mesh))
         self.history = history
 
         self.hello_ack = None
@@ -359,24 +360,51 @@ class MeshClient:
         return self._submit(req_id, frame, timeout)
 
     def send(self, target_spec, nonce, ciphertext, priority="next", send_id=None,
-             timeout=None):
+             timeout=None, key_epoch=None):
         """
         Send an encrypted message; fires with the C{ack} frame (check its
         C{queued}). The C{id} stays the same across reconnects, so a retried
-        send is stored once.
+        send is stored once. C{key_epoch}: the mesh key epoch a broadcast is
+        sealed under.
         """
         send_id = send_id or str(uuid.uuid4())
         frame = {"type": "send", "targetSpec": target_spec, "priority": priority,
                  "nonce": nonce, "ciphertext": ciphertext, "id": send_id}
+        if key_epoch is not None:
+            frame["keyEpoch"] = key_epoch
         return self._submit("send:" + send_id, frame, timeout)
 
     def send_text(self, target_spec, text, priority="next", send_id=None, timeout=None):
         """
-        Encrypt C{text} for C{target_spec} and L{send} it.
+        Encrypt C{text} for C{target_spec} and L{send} it. A broadcast is
+        sealed under the mesh's current key epoch, and sealed again once
+        should the key have been rotated meanwhile (issue 17).
         """
-        nonce, ciphertext = messages.seal(
-            target_spec, text.encode("utf-8"), self.sender_identity, self._mesh_key)
-        d = self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
+        plaintext = text.encode("utf-8")
+        if messages.is_broadcast(target_spec):
+            send_id = send_id or str(uuid.uuid4())
+
+            @defer.inlineCallbacks
+            def broadcast():
+                for attempt in (1, 2):
+                    try:
+                        epoch, key = yield self.mesh_keys.sealing_key()
+                    except meshkeys.NoKey as e:
+                        raise ClientError(str(e)) from None
+                    nonce, ciphertext = crypto.encrypt_broadcast(key, plaintext)
+                    ack = yield self.send(target_spec, nonce, ciphertext, priority, send_id,
+                                          timeout, key_epoch=epoch)
+                    if (attempt == 1 and not ack.get("queued")
+                            and (ack.get("error") or "").startswith("stale_key_epoch")
+                            and self.mesh_keys.stale(ack)):
+                        continue
+                    return ack
+
+            d = broadcast()
+        else:
+            nonce, ciphertext = messages.seal(target_spec, plaintext, self.sender_identity,
+                                              None)
+            d = self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
         if self.history is not None:
             def sent(ack):
                 if ack.get("queued"):
@@ -542,6 +570,8 @@ class MeshClient:
         self.connected = True
         self._attempt = 0
         self._last_failure = None
+        # Issue 17: the mesh's current key epoch, its key fetched if need be.
+        self.mesh_keys.hello(ack)
         # Requests written on a connection that dropped: a send is retried
         # with its id (stored once); anything else already failed.
         for entry in list(self._pending.values()):
@@ -677,6 +707,8 @@ class MeshClient:
 
     def _push(self, frame):
         if frame.get("subtype") == "system":
+            # Issue 17: key epoch events (a rotation, a copy to fetch).
+            self.mesh_keys.event(frame)
             if self.on_event is not None:
                 try:
                     self.on_event(frame)
@@ -690,8 +722,16 @@ class MeshClient:
             # A redelivery of something the application already has.
             self._ack(message_id)
             return
+        # Issue 17: held, in order, while the key of its epoch is fetched.
+        self.mesh_keys.admit(frame, self._open_push)
+
+    def _open_push(self, frame):
+        message_id = frame["messageId"]
+        if message_id in self._seen:
+            self._ack(message_id)
+            return
         inbound = messages.open_push(frame, self.identity, self.session_identity,
-                                     self._mesh_key)
+                                     key_of_epoch=self.mesh_keys.key_of)
         if self.on_message is None:
             return
         self._seen[message_id] = True

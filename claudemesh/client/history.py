@@ -94,7 +94,7 @@ class History:
         self.max_age = max_age
 
     def path(self, mesh_id):
-        return os.path.join(self.directory, _file_name(mesh_id) + ".jsonl")
+        return os.path.join(self.directory, mesh_file_name(mesh_id) + ".jsonl")
 
     def _now_ms(self):
         return int(self.clock() * 1000)
@@ -151,7 +151,7 @@ class History:
                           e, "strerror", None) else ""))
 
     def _locked(self, mesh_id):
-        return _FileLock(os.path.join(self.directory, _file_name(mesh_id) + ".lock"))
+        return FileLock(os.path.join(self.directory, mesh_file_name(mesh_id) + ".lock"))
 
     def _compact(self, mesh_id):
         """
@@ -235,9 +235,10 @@ class HistoryTail:
         return records
 
 
-class _FileLock:
+class FileLock:
     """
-    An exclusive C{flock} on a lock file beside the history, for a C{with}.
+    An exclusive C{flock} on a lock file, for a C{with} (the history's, and
+    the mesh key rings' of L{claudemesh.client.meshkeys}).
     """
 
     def __init__(self, path):
@@ -256,7 +257,11 @@ class _FileLock:
         return False
 
 
-def _file_name(mesh_id):
+def mesh_file_name(mesh_id):
+    """
+    A file name for C{mesh_id}'s files: the id itself when it is a safe
+    name, else its SHA-256.
+    """
     if _SAFE_NAME.match(mesh_id or ""):
         return mesh_id
     return hashlib.sha256((mesh_id or "").encode("utf-8")).hexdigest()

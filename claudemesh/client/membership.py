@@ -116,4 +116,5 @@ def join_mesh(reactor, parsed, display_name, identity=None):
         pubkey=identity.pubkey, secretKey=identity.secret_hex, brokerUrl=broker_url,
         joinedAt=iso_now(reactor),
         meshKey=crypto.encode_mesh_key(parsed.mesh_key) if parsed.mesh_key else "",
+        meshKeyEpoch=parsed.mesh_key_epoch if parsed.mesh_key else 0,
         role=document.get("role") or invite["role"], displayName=display_name)

@@ -12,7 +12,7 @@ import urllib.parse
 
 import attr
 
-from claudemesh import crypto
+from claudemesh import crypto, protocol
 
 LINK_PREFIX = "claudemesh://join/"
 MIN_PREFIX = 8
@@ -98,8 +98,32 @@ def invite_token(invite) -> str:
     return _b64url(json.dumps(invite, separators=(",", ":")).encode("utf-8"))
 
 
-def invite_link(invite, mesh_key: bytes) -> str:
-    return LINK_PREFIX + invite_token(invite) + "#" + crypto.encode_mesh_key(mesh_key)
+def key_fragment(mesh_key: bytes, key_epoch=0) -> str:
+    """
+    What follows C{#} in an invite link: the mesh key, and after a rotation
+    C{.<epoch>} (issue 17); epoch 0 is written bare, as links always were.
+    """
+    text = crypto.encode_mesh_key(mesh_key)
+    return text if not key_epoch else "%s.%d" % (text, key_epoch)
+
+
+def parse_key_fragment(text):
+    """
+    C{(mesh key, epoch)} of a link's fragment.
+
+    @raise ValueError: not a key, or a bad epoch.
+    """
+    key_text, dot, epoch_text = text.partition(".")
+    epoch = 0
+    if dot:
+        if not (epoch_text.isdigit() and epoch_text.isascii() and len(epoch_text) <= 15):
+            raise ValueError("bad key epoch %r" % (epoch_text[:20],))
+        epoch = int(epoch_text)
+    return crypto.decode_mesh_key(key_text), epoch
+
+
+def invite_link(invite, mesh_key: bytes, key_epoch=0) -> str:
+    return LINK_PREFIX + invite_token(invite) + "#" + key_fragment(mesh_key, key_epoch)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -107,6 +131,8 @@ class ParsedInvite:
     token: str
     invite: dict
     mesh_key: bytes | None
+    # The key epoch of mesh_key (issue 17).
+    mesh_key_epoch: int = 0
 
 
 def parse_invite_link(link, now_seconds=None):
@@ -144,13 +170,13 @@ def parse_invite_link(link, now_seconds=None):
         raise InviteError("the invite signature is invalid (was the link altered?)")
     if now_seconds is not None and expires_at < now_seconds:
         raise InviteError("this invite expired")
-    mesh_key = None
+    mesh_key, epoch = None, 0
     if key_text:
         try:
-            mesh_key = crypto.decode_mesh_key(key_text)
+            mesh_key, epoch = parse_key_fragment(key_text)
         except (ValueError, binascii.Error):
             raise InviteError("the mesh key after '#' in the link is malformed") from None
-    return ParsedInvite(token, invite, mesh_key)
+    return ParsedInvite(token, invite, mesh_key, epoch)
 
 
 def join_request(token, identity, display_name, timestamp):
@@ -176,8 +202,7 @@ def create_mesh_request(owner, name, display_name, timestamp):
 # -- encryption -------------------------------------------------------------------
 
 
-def is_broadcast(target_spec):
-    return target_spec in ("*", "@all") or target_spec.startswith("@")
+is_broadcast = protocol.is_broadcast
 
 
 def seal(target_spec, plaintext: bytes, sender, mesh_key):
@@ -223,17 +248,43 @@ class Inbound:
         return attr.asdict(self)
 
 
-def open_push(push, member, session=None, mesh_key=None):
+def push_key_epoch(push):
+    """
+    The mesh key epoch a broadcast push is sealed under (C{keyEpoch}; 0
+    when absent, as from a broker before issue 17), or C{None} when it is
+    not a valid one.
+    """
+    epoch = push.get("keyEpoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return None
+    return epoch
+
+
+def never_received(epoch):
+    if epoch == 0:
+        return "no mesh key for this mesh in the config (epoch 0, the invite link's key)"
+    return "sealed under key epoch %d, which this member never received" % (epoch,)
+
+
+def open_push(push, member, session=None, mesh_key=None, key_of_epoch=None):
     """
     Open a message push with the secret its C{targetSpec} names: the session
-    key, the member key, or the mesh key. A failure is reported on that
-    message only (C{error} set, C{text} C{None}).
+    key, the member key, or the mesh key — of the push's C{keyEpoch} when
+    C{key_of_epoch} (epoch → key or C{None}) is given, else C{mesh_key}. A
+    failure is reported on that message only (C{error} set, C{text} C{None}).
     """
     target = push.get("targetSpec") or ""
     text, error = None, None
     try:
         if is_broadcast(target):
-            if mesh_key is None:
+            if key_of_epoch is not None:
+                epoch = push_key_epoch(push)
+                if epoch is None:
+                    raise crypto.DecryptionFailed("the push names no valid key epoch")
+                mesh_key = key_of_epoch(epoch)
+                if mesh_key is None:
+                    raise crypto.DecryptionFailed(never_received(epoch))
+            elif mesh_key is None:
                 raise crypto.DecryptionFailed("no mesh key for this mesh in the config")
             raw = crypto.decrypt_broadcast(mesh_key, push.get("nonce", ""),
                                            push.get("ciphertext", ""))

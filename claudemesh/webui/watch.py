@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from claudemesh import crypto
-from claudemesh.client import connection, messages
+from claudemesh.client import connection, meshkeys, messages
 
 REQUEST_TIMEOUT = 10.0
 HISTORY_POLL_SECONDS = 1.0
@@ -424,7 +424,12 @@ class MeshWatch:
         invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
                                       reply["inviteId"], role, reply["expiresAt"],
                                       entry.brokerUrl)
-        link = messages.invite_link(invite, entry.mesh_key)
+        # The current key epoch's key (issue 17).
+        try:
+            epoch, key = self.client.mesh_keys.invite_key()
+        except meshkeys.NoKey as e:
+            raise connection.RequestError("invalid", str(e)) from None
+        link = messages.invite_link(invite, key, epoch)
         qr = segno.make(link, error="l").svg_data_uri(scale=4, border=2)
         return {"link": link, "qr": qr, "inviteId": reply["inviteId"],
                 "expiresAt": reply["expiresAt"], "role": role, "maxUses": uses}
