@@ -18,8 +18,7 @@ from claudemesh.client import config as configuration
 from claudemesh.client import meshkeys, messages
 from claudemesh.client.connection import ClientError
 from claudemesh.store.postgres import PostgresStore
-from tests import pg
-from tests import test_client_broker
+from tests import pg, test_client_broker
 from tests.test_client_broker import wait_until
 
 PG_DSN, PG_SKIP = pg.postgres_dsn_or_skip_reason()

@@ -470,7 +470,7 @@ class EpochKeys:
                 for index, part in enumerate(parts):
                     if index < len(parts) - 1:
                         part["more"] = True
-                    reply = yield self._request(part)
+                    yield self._request(part)
             except RequestError as e:
                 if e.code == "key_epoch_conflict":
                     # Someone else rotated: build on their epoch.
