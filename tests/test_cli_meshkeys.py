@@ -1,0 +1,132 @@
+"""
+C{claudemesh rotate-key} and C{claudemesh ban} rotating the mesh key
+(issue 17), as subprocesses against a real broker (C{twistd -n
+claudemesh-broker}) with one config directory per identity.
+"""
+
+import json
+import os
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from claudemesh.client import config as configuration
+from claudemesh.client import meshkeys
+from tests import test_cli_commands
+
+
+class KeyRotationCLITests(SynchronousTestCase):
+    """
+    rotate-key, ban (with and without --no-rotate), the notice after an
+    owner's commands, doctor, and invites after a rotation.
+    """
+
+    # The broker and the helpers of the CLI's own subprocess tests.
+    start_broker = test_cli_commands.CLIAgainstBrokerTests.start_broker
+    stop_broker = test_cli_commands.CLIAgainstBrokerTests.stop_broker
+    env = test_cli_commands.CLIAgainstBrokerTests.env
+    setUp = test_cli_commands.CLIAgainstBrokerTests.setUp
+    stop_listeners = test_cli_commands.CLIAgainstBrokerTests.stop_listeners
+    cm = test_cli_commands.CLIAgainstBrokerTests.cm
+    ok = test_cli_commands.CLIAgainstBrokerTests.ok
+    mesh_with = test_cli_commands.CLIAgainstBrokerTests.mesh_with
+    listen = test_cli_commands.CLIAgainstBrokerTests.listen
+
+    def keys_of(self, who):
+        """
+        The epochs whose key C{who}'s config directory holds.
+        """
+        directory = os.path.join(self.dir, who)
+        [entry] = configuration.load(directory).meshes
+        return meshkeys.KeyRing.of_entry(entry).epochs()
+
+    def received(self, listener, text, timeout=15):
+        """
+        Read C{listener}'s JSON lines until a message with C{text}.
+        """
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = listener.stdout.readline()
+            if not line:
+                break
+            document = json.loads(line)
+            if document.get("text") == text or document.get("error"):
+                return document
+        raise AssertionError("no message %r" % (text,))
+
+    def test_ban_rotates_by_default(self):
+        """ban rotates the key; the others read what follows, the banned never gets it."""
+        self.mesh_with("alice", "bob")
+        alice = self.listen("alice")
+        code, out, err = self.cm("owner", "ban", "bob")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "Banned bob. They can no longer connect or rejoin until unbanned.\n"
+                              "Rotated the mesh key to epoch 1, sealed for 2 members: alice,"
+                              " owner.\n")
+        self.assertNotIn("rotate-key", err)
+        self.ok("owner", "send", "*", "after the ban")
+        document = self.received(alice, "after the ban")
+        self.assertIsNone(document["error"])
+        self.assertEqual(self.keys_of("bob"), [0])
+        self.assertEqual(self.keys_of("owner"), [0, 1])
+        entries = json.loads(self.ok("owner", "audit", "--json"))
+        [rotated] = [e for e in entries if e["eventType"] == "mesh_key_rotated"]
+        self.assertEqual(rotated["payload"], {"epoch": 1, "by": "owner",
+                                              "reason": "ban of bob"})
+
+    def test_ban_without_rotation_is_pointed_out(self):
+        """ban --no-rotate keeps the key; owner commands and doctor say so until rotate-key."""
+        self.mesh_with("alice", "bob")
+        code, out, err = self.cm("owner", "ban", "bob", "--no-rotate")
+        self.assertEqual((code, "Rotated" in out), (0, False))
+        code, out, err = self.cm("owner", "peers")
+        self.assertEqual(code, 0)
+        self.assertIn("claudemesh: bob was banned since the mesh key was last rotated: they can"
+                      " still read broadcasts sealed with it. Run 'claudemesh rotate-key'.", err)
+        code, _, err = self.cm("alice", "peers")
+        self.assertNotIn("rotate-key", err)
+        code, out, _ = self.cm("owner", "doctor", "--json")
+        checks = {c["check"]: c for c in json.loads(out)["checks"]}
+        [check] = [c for text, c in checks.items() if "bob was banned" in text]
+        self.assertEqual((check["ok"], check["fix"]),
+                         (False, "claudemesh rotate-key --mesh %s" % (self.mesh,)))
+        document = json.loads(self.ok("owner", "rotate-key", "--reason", "bob", "--json"))
+        self.assertEqual(document, {"epoch": 1, "members": ["alice", "owner"]})
+        code, out, err = self.cm("owner", "peers")
+        self.assertNotIn("rotate-key", err)
+        code, out, _ = self.cm("owner", "doctor", "--json")
+        self.assertTrue(any(c["ok"] and "no member left" in c["check"]
+                            for c in json.loads(out)["checks"]), out)
+
+    def test_rotate_key_needs_a_moderator(self):
+        """A member's rotate-key is forbidden, exit 7."""
+        self.mesh_with("alice")
+        code, out, err = self.cm("alice", "rotate-key")
+        self.assertEqual(code, 7, (out, err))
+        self.assertIn("forbidden: only owner or admin can rotate the mesh key", err)
+
+    def test_invite_after_rotation(self):
+        """An invite made after a rotation carries the epoch; its joiner reads broadcasts."""
+        self.mesh_with("alice")
+        self.ok("owner", "rotate-key")
+        link = json.loads(self.ok("owner", "invite", "--json"))["link"]
+        self.assertTrue(link.endswith(".1"), link)
+        self.ok("carol", "join", link, "--name", "carol")
+        self.assertEqual(self.keys_of("carol"), [1])
+        carol = self.listen("carol")
+        self.ok("alice", "send", "*", "hello carol")
+        self.assertIsNone(self.received(carol, "hello carol")["error"])
+
+    def test_member_who_joined_before_rotation_is_sealed_a_copy(self):
+        """A member with an old invite gets a copy at the owner's next command."""
+        self.ok("owner", "new", self.mesh, "--name", "owner")
+        old = json.loads(self.ok("owner", "invite", "--json"))["link"]
+        self.ok("owner", "rotate-key")
+        self.ok("dave", "join", old, "--name", "dave")
+        # dave asks; no moderator is online to answer.
+        self.ok("dave", "peers")
+        code, out, err = self.cm("owner", "peers")
+        self.assertIn("claudemesh: sealed the mesh key (epoch 1) for dave, who joined after it"
+                      " was rotated", err)
+        self.ok("dave", "peers")
+        self.assertEqual(self.keys_of("dave"), [0, 1])
