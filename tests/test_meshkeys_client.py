@@ -189,6 +189,31 @@ class RotationAgainstBrokerTests(unittest.TestCase):
         self.assertIn(3, bob.mesh_keys._asked)
 
     @defer.inlineCallbacks
+    def test_mcp_server_opens_by_epoch(self):
+        """The MCP bridge's notifications open rotated broadcasts and say what they cannot."""
+        from claudemesh.mcpserver import bridge
+
+        notified = []
+        link = bridge.Bridge(reactor, [self.bob_entry], "mcp-bob",
+                             lambda content, meta: notified.append(content))
+        link.start()
+        self.addCleanup(link.stop)
+        client = link.links[0].client
+        yield client.when_ready()
+        yield self.owner.mesh_keys.rotate()
+        yield self.owner.send_text("*", "rotated hello")
+        yield wait_until(lambda: any("rotated hello" in text for text in notified))
+        nonce, ciphertext = crypto.encrypt_broadcast(crypto.new_mesh_key(), b"x")
+        client._push({"type": "push", "messageId": "m-9", "meshId": self.bob_entry.meshId,
+                      "senderPubkey": self.owner_entry.pubkey,
+                      "senderMemberPubkey": self.owner_entry.pubkey, "targetSpec": "*",
+                      "priority": "next", "nonce": nonce, "ciphertext": ciphertext,
+                      "createdAt": "2026-01-01T00:00:00.000Z", "seq": 9, "keyEpoch": 5})
+        yield wait_until(lambda: any("epoch 5" in text for text in notified))
+        self.assertIn("[could not decrypt this message: cannot decrypt: sealed under key"
+                      " epoch 5, which this member never received]", notified[-1])
+
+    @defer.inlineCallbacks
     def test_member_cannot_rotate(self):
         """A plain member's rotation is refused forbidden and nothing changes."""
         alice, _ = yield self.online(self.alice_entry)

@@ -369,6 +369,26 @@ class APITests(UITestCase):
                          ("inv1", self.entry.mesh_key))
         self.assertEqual(self.post("/api/invite", {"uses": 0}).code, 400)
 
+    def test_invite_after_rotation_carries_the_current_key(self):
+        """After a rotation the page's invite holds the current epoch's key and its epoch."""
+        self.connected()
+        keys = self.clients[0].mesh_keys
+        rotated = crypto.new_mesh_key()
+        keys.ring.put(2, rotated)
+        keys.current = 2
+        self.clients[0].replies["create_invite"] = {"inviteId": "inv2",
+                                                    "expiresAt": 1_900_000_000}
+        document = self.json(self.post("/api/invite", {"role": "member"}))
+        from claudemesh.client import messages
+
+        parsed = messages.parse_invite_link(document["link"])
+        self.assertEqual((parsed.mesh_key, parsed.mesh_key_epoch), (rotated, 2))
+        keys.current = 3
+        refused = self.post("/api/invite", {"role": "member"})
+        self.assertEqual(refused.code, 409)
+        self.assertIn("does not hold the mesh key of the current epoch 3",
+                      self.json(refused)["message"])
+
     def test_audit_with_verification(self):
         """The audit answer carries the entries and the chain check."""
         self.connected()

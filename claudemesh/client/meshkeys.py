@@ -224,14 +224,16 @@ class EpochKeys:
         self.current = epoch
         status = ack.get("keyStatus")
         self.status = status if isinstance(status, dict) else None
-        # A new connection may find what an earlier one could not.
+        # A new connection may find what an earlier one could not, and a
+        # fetch written on the connection that dropped fails.
         self._asked.clear()
+        self._fetching.clear()
+        fetched = defer.succeed(None)
         if epoch and self.ring.get(epoch) is None:
-            self._track(self.fetch(epoch))
-        if self.status is not None:
-            without = self.status.get("withoutKey")
-            if isinstance(without, list):
-                self._track(self._share_when_held(epoch, without))
+            fetched = self._track(self.fetch(epoch))
+        without = (self.status or {}).get("withoutKey")
+        if isinstance(without, list) and without:
+            fetched.addCallback(lambda _: self._track(self._share_when_held(epoch, without)))
 
     def event(self, frame):
         """
@@ -268,7 +270,13 @@ class EpochKeys:
         running = self._fetching.get(epoch)
         if running is None:
             running = self._fetching[epoch] = self._fetch(epoch)
-            running.addBoth(lambda result: (self._fetching.pop(epoch, None), result)[1])
+
+            def done(result, running=running):
+                if self._fetching.get(epoch) is running:
+                    del self._fetching[epoch]
+                return result
+
+            running.addBoth(done)
         d = defer.Deferred()
         running.addBoth(lambda key: (d.callback(key), key)[1])
         return d
