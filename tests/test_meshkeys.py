@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from claudemesh import crypto, protocol
-from claudemesh.broker.core import Refusal
+from claudemesh.protocol import Refusal
 from claudemesh.store.interface import StoreUnavailable
 from tests.meshfixture import BrokerFixture, audit_rows, result_of, store_snapshot
 
@@ -290,7 +290,7 @@ class RefusalTests(MeshKeysTestCase):
         """The same member twice, in one part or across parts, is malformed naming sealedKeys."""
         key = crypto.new_mesh_key()
         twice = self.sealed(self.owner, key, 1, [self.owner, self.alice, self.alice])
-        with self.assertRaises(protocol.FrameError) as caught:
+        with self.assertRaises(protocol.Refusal) as caught:
             self.owner.request({"type": "rotate_mesh_key", "epoch": 1, "sealedKeys": twice})
         self.assertEqual(caught.exception.code, "malformed")
         self.assertIn("'sealedKeys'", caught.exception.message)
@@ -323,13 +323,13 @@ class RefusalTests(MeshKeysTestCase):
         ]
         for fields in bad:
             frame = dict(fields, type="rotate_mesh_key")
-            with self.assertRaises(protocol.FrameError, msg=fields) as caught:
+            with self.assertRaises(protocol.Refusal, msg=fields) as caught:
                 protocol.decode(json.dumps(frame))
             self.assertEqual(caught.exception.code, "malformed", fields)
         for frame in ({"type": "send", "targetSpec": "*", "nonce": "n", "ciphertext": "c",
                        "keyEpoch": 2**60},
                       {"type": "get_mesh_key", "epoch": -3}):
-            with self.assertRaises(protocol.FrameError):
+            with self.assertRaises(protocol.Refusal):
                 protocol.decode(json.dumps(frame))
 
     def test_huge_but_safe_epoch(self):
