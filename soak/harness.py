@@ -381,8 +381,14 @@ class TemporaryPostgres:
 
 class ClientProtocol(WebSocketClientProtocol):
     """
-    A WebSocket client that hands every frame (decoded) to its owner and
-    remembers how the connection closed.
+    The WebSocket test client of the soak runs and of the test suite: it
+    records every frame it receives (decoded) in C{frames} and a
+    L{defer.DeferredQueue} (C{queue}), hands each to C{on_frame} when set,
+    and remembers how the connection closed.
+
+    @ivar opened: fires with the protocol when the WebSocket is open (with
+        C{None} when it closed before).
+    @ivar closed: fires with C{(wasClean, code, reason)} when it closed.
     """
 
     def __init__(self):
@@ -391,14 +397,21 @@ class ClientProtocol(WebSocketClientProtocol):
         self.closed = defer.Deferred()
         self.close_info = None
         self.on_frame = None
+        self.frames = []
+        self.queue = defer.DeferredQueue()
 
     def onOpen(self):
         self.opened.callback(self)
 
     def onMessage(self, payload, isBinary):
         frame = json.loads(payload.decode("utf-8"))
+        self.frames.append(frame)
+        self.queue.put(frame)
         if self.on_frame is not None:
             self.on_frame(frame)
+
+    def of_type(self, type_name):
+        return [f for f in self.frames if f["type"] == type_name]
 
     def onClose(self, wasClean, code, reason):
         self.close_info = (wasClean, code, reason)

@@ -5,7 +5,7 @@ hold real ed25519 keys, for tests that drive the core without sockets.
 
 import json
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import task
 from zope.interface import implementer
 
@@ -15,6 +15,7 @@ from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.settings import BrokerSettings
 from claudemesh.store.records import MemberRecord, MeshRecord
 from claudemesh.store.sqlite import SQLiteStore
+from soak.harness import ClientProtocol
 
 # A fixed, realistic wall-clock start (2026-11-28), so ISO times look real.
 START = 1_795_000_000.0
@@ -358,53 +359,14 @@ class HeldClaimsStore:
         return waiting
 
 
-class CollectingClientProtocol(WebSocketClientProtocol):
-    """
-    An Autobahn client that records every frame it receives (decoded) in
-    C{frames} and a L{DeferredQueue}, and how the connection closed.
-
-    @ivar opened: fires with the protocol when the WebSocket is open.
-    @ivar closed: fires with C{(wasClean, code, reason)} when it closed.
-    """
-
-    def __init__(self):
-        WebSocketClientProtocol.__init__(self)
-        from twisted.internet import defer
-
-        self.frames = []
-        self.queue = defer.DeferredQueue()
-        self.opened = defer.Deferred()
-        self.closed = defer.Deferred()
-        self.close_info = None
-
-    def onOpen(self):
-        self.opened.callback(self)
-
-    def onMessage(self, payload, isBinary):
-        frame = json.loads(payload.decode("utf-8"))
-        self.frames.append(frame)
-        self.queue.put(frame)
-
-    def onClose(self, wasClean, code, reason):
-        self.close_info = (wasClean, code, reason)
-        if not self.opened.called:
-            self.opened.callback(None)
-        self.closed.callback(self.close_info)
-
-    def send_frame(self, frame):
-        self.sendMessage(json.dumps(frame).encode("utf-8"), isBinary=False)
-
-    def of_type(self, type_name):
-        return [f for f in self.frames if f["type"] == type_name]
-
-
 def client_factory(url, reactor, max_message_bytes=0):
     """
-    A client factory for L{CollectingClientProtocol}, configured like the
-    broker's so closes are seen as sent (no drop on a protocol failure).
+    A client factory for the one WebSocket test client
+    (L{soak.harness.ClientProtocol}), configured like the broker's so closes
+    are seen as sent (no drop on a protocol failure).
     """
     factory = WebSocketClientFactory(url, reactor=reactor)
-    factory.protocol = CollectingClientProtocol
+    factory.protocol = ClientProtocol
     factory.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=max_message_bytes,
                                maxFramePayloadSize=max_message_bytes)
     factory.noisy = False

@@ -15,11 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from claudemesh import crypto
-from claudemesh.broker.core import Broker
-from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.settings import BrokerSettings
-from claudemesh.broker.web import StoreHealth, make_site
-from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store.postgres import PostgresStore
 from claudemesh.store.records import (
     ClaimRequest,
@@ -30,7 +26,7 @@ from claudemesh.store.records import (
 )
 from claudemesh.store.sqlite import SQLiteStore
 from tests import pg
-from tests.clientfixture import TrackedServerProtocol
+from tests.clientfixture import InProcessBroker
 from tests.meshfixture import Peer, client_factory
 
 PG_DSN, PG_SKIP = pg.postgres_dsn_or_skip_reason()
@@ -61,37 +57,22 @@ class EndToEndMixin:
     def setUp(self):
         self.settings = BrokerSettings(max_message_bytes=MAX_BYTES)
         self.clients = []
-        self.port = None
-        self.broker = None
-        self.store = None
+        self.server = self.port = self.broker = self.store = None
         self.addCleanup(self.shut_everything)
         yield self.start_broker()
         yield self.make_mesh()
 
     @defer.inlineCallbacks
     def start_broker(self):
-        self.store = self.make_store()
-        yield self.store.open()
-        self.broker = Broker(self.store, reactor, self.settings, BrokerMetrics())
-        store_opened = getattr(self.broker, "store_opened", None)
-        if store_opened is not None:
-            yield store_opened()
-        self.broker.startService()
-        self.factory = BrokerServerFactory(self.broker, reactor, self.settings)
-        self.factory.protocol = TrackedServerProtocol
-        self.factory.live = set()
-        self.factory.waiting = []
-        site = make_site(StoreHealth(self.store, reactor), reactor, self.settings,
-                         self.broker, self.factory)
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.url = "ws://127.0.0.1:%d/ws" % (self.port.getHost().port,)
+        # The one in-process server of the test suite (tests/clientfixture.py).
+        self.server = InProcessBroker(reactor, self.mktemp(), make_store=self.make_store,
+                                      max_message_bytes=MAX_BYTES)
+        yield self.server.start()
+        self.store, self.broker = self.server.store, self.server.broker
+        self.factory, self.port, self.url = self.server.factory, self.server.port, self.server.url
 
     def server_gone(self):
-        if not self.factory.live:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self.factory.waiting.append(d)
-        return d
+        return self.server.server_gone()
 
     @defer.inlineCallbacks
     def close_clients(self):
@@ -112,15 +93,10 @@ class EndToEndMixin:
         closed, pending writes flushed, store closed.
         """
         yield self.close_clients()
-        if self.port is not None:
-            port, self.port = self.port, None
-            yield port.stopListening()
-        if self.broker is not None:
-            broker, self.broker = self.broker, None
-            yield broker.stopService()
-        if self.store is not None:
-            store, self.store = self.store, None
-            yield store.close()
+        if self.server is not None:
+            server, self.server = self.server, None
+            yield server.stop()
+        self.broker = self.store = self.port = None
 
     def shut_everything(self):
         return self.stop_broker()
