@@ -246,12 +246,9 @@ class BrokerRoot(JSONResource):
         return json_body(request, 404, {"error": "not_found"})
 
 
-class HealthResource(JSONResource):
+class _StoreHealthResource(JSONResource):
     """
-    C{GET /health}: liveness. Always 200 while the process answers HTTP; the
-    store's state is reported (C{db}) but does not change the status code, so
-    a supervisor does not restart a broker that is merely waiting for its
-    database.
+    A resource that answers from the broker's L{StoreHealth}.
     """
 
     def __init__(self, health, clock, started_at):
@@ -264,6 +261,15 @@ class HealthResource(JSONResource):
         self._health = health
         self._clock = clock
         self._started_at = started_at
+
+
+class HealthResource(_StoreHealthResource):
+    """
+    C{GET /health}: liveness. Always 200 while the process answers HTTP; the
+    store's state is reported (C{db}) but does not change the status code, so
+    a supervisor does not restart a broker that is merely waiting for its
+    database.
+    """
 
     def render_GET(self, request):
         now = self._clock.seconds()
@@ -280,7 +286,7 @@ class HealthResource(JSONResource):
         )
 
 
-class ReadinessResource(JSONResource):
+class ReadinessResource(_StoreHealthResource):
     """
     C{GET /health/ready}: 200 C{{"status": "ready"}} when the store answers a
     ping, 503 C{{"status": "not_ready", "reason": "db_down"}} while it does
@@ -288,17 +294,6 @@ class ReadinessResource(JSONResource):
     """
 
     _log = Logger()
-
-    def __init__(self, health, clock, started_at):
-        """
-        @param health: the broker's L{StoreHealth}.
-        @param clock: an L{twisted.internet.interfaces.IReactorTime}.
-        @param started_at: the clock time the broker started, for C{uptime}.
-        """
-        super().__init__()
-        self._health = health
-        self._clock = clock
-        self._started_at = started_at
 
     def render_GET(self, request):
         gone = []
