@@ -1,7 +1,8 @@
 """
 The Twisted side of C{claudemesh mcp}: one L{MeshClient} per joined mesh
-for this Claude Code session, the tools, each returning a L{Deferred} of a
-L{ToolResult}, and the answers to the session's hooks and status line.
+for this Claude Code session, what comes in on them, and the plumbing of the
+tools (L{claudemesh.mcpserver.tools}) and of the answers to the session's
+hooks and status line (L{claudemesh.mcpserver.answers}).
 Nothing here knows the MCP SDK; L{claudemesh.mcpserver.server} bridges these
 Deferreds to its asyncio handlers. Incoming messages reach the model through
 L{claudemesh.mcpserver.delivery} (inbox socket, channel or hooks).
@@ -11,45 +12,31 @@ The reactor is a parameter: nothing here imports the global one.
 
 import datetime
 
-import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from claudemesh import crypto
-from claudemesh.client import connection, messages
+from claudemesh.client import connection
 from claudemesh.mcpserver import delivery as paths
+from claudemesh.mcpserver.answers import SessionAnswers
 from claudemesh.mcpserver.delivery import Received
+from claudemesh.mcpserver.texts import push_notification
+from claudemesh.mcpserver.tools import (  # noqa: F401 (ok, ToolResult: the tools' answers)
+    TOOLS,
+    ToolResult,
+    Tools,
+    failed,
+    ok,
+)
 
-REQUEST_TIMEOUT = 10.0
 NAMES_TIMEOUT = 3.0
 NAMES_MAX_AGE = 30.0
 NAMES_MIN_GAP = 5.0
 PEERS_REFRESH_SECONDS = 60.0
 
 MODES = ("push", "inbox", "off")
-STATUSES = ("idle", "working", "dnd")
-PRIORITIES = ("now", "next", "low")
 
 NO_MESHES = ("No meshes joined. Run `claudemesh join <invite link>` (or `claudemesh new <name>`) "
              "in a terminal first, then restart this Claude Code session.")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class ToolResult:
-    """
-    What a tool answers: text for the model, and whether it is an error.
-    """
-
-    text: str
-    error: bool = False
-
-
-def ok(text):
-    return ToolResult(text, False)
-
-
-def failed(text):
-    return ToolResult(text, True)
 
 
 def iso_now(reactor):
@@ -81,9 +68,11 @@ class MeshLink:
         return self.entry.slug
 
 
-class Bridge:
+class Bridge(Tools, SessionAnswers):
     """
-    The meshes of one Claude Code session and the tools over them.
+    The meshes of one Claude Code session and the tools over them: the
+    connections and what comes in here, the tools in L{Tools}, the answers
+    to the session's hooks and status line in L{SessionAnswers}.
     """
 
     _log = Logger()
@@ -367,367 +356,9 @@ class Bridge:
 
         return d.addErrback(crashed)
 
-    # -- tools -----------------------------------------------------------------------------
-
-    @defer.inlineCallbacks
-    def send_message(self, to, message, priority="next"):
-        if priority not in PRIORITIES:
-            return failed("priority must be one of now, next, low")
-        if not isinstance(message, str) or not message:
-            return failed("message must be a non-empty string")
-        targets = [to] if isinstance(to, str) else list(to or [])
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            return failed("to must be a name, key, '*', '@group', or a list of them")
-        lines, errors, done = [], 0, set()
-        for target in targets:
-            try:
-                link, spec = yield self._resolve(target)
-            except _Refused as e:
-                lines.append("✗ %s: %s" % (target, e))
-                errors += 1
-                continue
-            if (link.slug, spec) in done:
-                continue
-            done.add((link.slug, spec))
-            try:
-                ack = yield link.client.send_text(spec, message, priority,
-                                                  timeout=REQUEST_TIMEOUT)
-            except connection.ClientError as e:
-                lines.append("✗ %s: %s" % (target, e.message))
-                errors += 1
-                continue
-            if ack.get("queued"):
-                self.sent[ack["messageId"]] = link.slug
-                lines.append("✓ %s → %s" % (target, ack["messageId"]))
-            else:
-                lines.append("✗ %s: %s" % (target, ack.get("error") or "refused"))
-                errors += 1
-        return ToolResult("\n".join(lines), errors == len(lines))
-
-    @defer.inlineCallbacks
-    def _resolve(self, target):
-        """
-        (link, targetSpec) for what the model typed: an optional
-        C{<mesh>:} prefix, then C{*}, C{@group}, a key, a key prefix or a
-        display name.
-        """
-        links = [link for link in self.links if not link.terminal]
-        prefix, sep, rest = target.partition(":")
-        if sep and self._find(prefix) is not None:
-            links, target = [self._find(prefix)], rest
-        usable = [link for link in links if self._unusable(link) is None]
-        if not usable:
-            raise _Refused(self._unusable(links[0]) if links else "no usable mesh")
-        if messages.is_broadcast(target) or crypto.is_pubkey(target.lower()):
-            if len(usable) > 1:
-                raise _Refused('several meshes joined; prefix the target with "<mesh>:" '
-                               "(joined: %s)" % (", ".join(link.slug for link in usable),))
-            return usable[0], target.lower() if crypto.is_pubkey(target.lower()) else target
-        found, problems = [], []
-        for link in usable:
-            try:
-                members = yield link.client.request({"type": "list_members"},
-                                                    timeout=REQUEST_TIMEOUT)
-                peers = yield link.client.request({"type": "list_peers"},
-                                                  timeout=REQUEST_TIMEOUT)
-                self._learn(link, members.get("members", []), peers.get("peers", []))
-                spec = messages.resolve_target(target, members.get("members", []),
-                                               peers.get("peers", []))
-                found.append((link, spec))
-            except messages.TargetError as e:
-                problems.append(e.message)
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise _Refused('"%s" is on several meshes (%s); prefix it with "<mesh>:"'
-                           % (target, ", ".join(link.slug for link, _ in found)))
-        raise _Refused(problems[0] if problems else 'No member matches "%s".' % (target,))
-
-    @defer.inlineCallbacks
-    def list_peers(self, mesh=None):
-        links, problem = self._chosen(mesh)
-        if problem:
-            return problem
-        sections, answered = [], 0
-        for link in links:
-            header = "## %s (mesh %s…)" % (link.slug, link.entry.meshId[:8])
-            why = self._unusable(link)
-            if why:
-                sections.append("%s\n%s" % (header, why))
-                continue
-            answered += 1
-            reply = yield link.client.request({"type": "list_peers"}, timeout=REQUEST_TIMEOUT)
-            peers = reply.get("peers", [])
-            self._learn(link, [], peers)
-            lines = [header]
-            for p in peers:
-                lines.append(peer_line(p, p.get("sessionId") == self.session_id))
-            if len(lines) == 1:
-                lines.append("(nobody connected)")
-            sections.append("\n".join(lines))
-        return ToolResult("\n\n".join(sections), answered == 0)
-
-    def check_messages(self):
-        received = self.delivery.take_all()
-        if not received:
-            return ok("No new messages.")
-        blocks = [message_block(r) for r in received]
-        return ok("%d new message(s):\n\n%s" % (len(received), "\n---\n".join(blocks)))
-
-    @defer.inlineCallbacks
-    def _on_each(self, frame, done):
-        lines, errors = [], 0
-        for link in self.links:
-            why = self._unusable(link)
-            if why:
-                lines.append("✗ %s: %s" % (link.slug, why))
-                errors += 1
-                continue
-            try:
-                yield link.client.fire_checked(dict(frame), timeout=REQUEST_TIMEOUT)
-                lines.append("✓ %s: %s" % (link.slug, done))
-            except connection.ClientError as e:
-                lines.append("✗ %s: %s" % (link.slug, e.message))
-                errors += 1
-        return ToolResult("\n".join(lines), errors == len(lines))
-
-    def set_status(self, status):
-        if status not in STATUSES:
-            return failed("status must be one of idle, working, dnd")
-        return self._on_each({"type": "set_status", "status": status},
-                             "status set to %s" % (status,))
-
-    def set_summary(self, summary):
-        if not isinstance(summary, str):
-            return failed("summary must be a string")
-        return self._on_each({"type": "set_summary", "summary": summary}, "summary set")
-
-    def join_group(self, name, role=None):
-        frame = {"type": "join_group", "name": name}
-        if role:
-            frame["role"] = role
-        return self._on_each(frame, "joined @%s%s" % (name, ":" + role if role else ""))
-
-    def leave_group(self, name):
-        return self._on_each({"type": "leave_group", "name": name}, "left @%s" % (name,))
-
-    @defer.inlineCallbacks
-    def message_status(self, id):
-        slug = self.sent.get(id)
-        links = [self._find(slug)] if slug else list(self.links)
-        last = None
-        for link in links:
-            why = self._unusable(link)
-            if why:
-                last = why
-                continue
-            try:
-                reply = yield link.client.request({"type": "message_status", "messageId": id},
-                                                  timeout=REQUEST_TIMEOUT)
-            except connection.RequestError as e:
-                last = "%s: %s" % (e.code, e.message)
-                continue
-            lines = ["Message %s on %s:" % (id, link.slug)]
-            for r in reply.get("recipients", []):
-                lines.append("- %s (%s…): %s" % (r.get("name"), (r.get("pubkey") or "")[:16],
-                                                 r.get("status")))
-            return ok("\n".join(lines))
-        return failed(last or "No message %s." % (id,))
-
-    def mesh_info(self):
-        sections = []
-        for link in self.links:
-            client, ack = link.client, link.client.hello_ack or {}
-            state = ("ended: " + link.terminal if link.terminal else
-                     "connected" if client.connected else "reconnecting")
-            sections.append("\n".join([
-                "## %s (%s)" % (link.slug, link.entry.name),
-                "- you: %s (%s)" % (ack.get("memberDisplayName") or client.display_name
-                                    or link.entry.displayName or "?",
-                                    ack.get("role") or link.entry.role),
-                "- state: %s" % (state,),
-                "- mesh id: %s" % (link.entry.meshId,),
-                "- member key: %s" % (link.entry.pubkey,),
-                "- session: %s (key %s)" % (self.session_id, client.pubkey),
-                "- broker: %s" % (link.entry.brokerUrl,),
-            ]))
-        sections.append("message mode: %s · delivery: %s · cwd: %s · pid: %s" % (
-            self.mode, " → ".join(self.delivery.paths()), self.cwd, self.pid))
-        return ok("\n\n".join(sections))
-
-
-    # -- the session's hooks and status line (over the local socket) ---------------------
-
-    def answer_local(self, request):
-        """
-        Answer a request of the local channel (L{claudemesh.mcpserver.local}).
-        """
-        op = request.get("op")
-        if op == "hook":
-            payload = request.get("payload")
-            payload = payload if isinstance(payload, dict) else {}
-            event = request.get("event")
-            return {"output": self.hook_event(event if isinstance(event, str) else "",
-                                              request.get("status"), payload)}
-        if op == "statusline":
-            return {"line": self.status_line()}
-        return {"error": "unknown op"}
-
-    def hook_event(self, event, status, payload):
-        """
-        What the hook of C{event} prints (a JSON object), or C{None}; the
-        hook's C{status} goes to the brokers in the background.
-        """
-        if status in STATUSES and self.report_hook is not None:
-            try:
-                self.report_hook(status, payload)
-            except Exception:
-                self._log.failure("reporting the hook status failed")
-        if event == "UserPromptSubmit":
-            return paths.context_output(event, self.delivery.prompt_context())
-        if event == "Stop":
-            return paths.stop_output(
-                self.delivery.stop_reason(payload.get("stop_hook_active") is True))
-        if event == "SessionStart":
-            return paths.context_output(event, self.session_context())
-        return None
-
-    def _online(self, link):
-        """
-        The peers of C{link} other than this session, as last listed.
-        """
-        return [p for p in link.peers or [] if p.get("sessionId") != self.session_id
-                and p.get("online") is not False]
-
-    def session_context(self):
-        """
-        A short "who and where you are" for the start of a session.
-        """
-        if self._blocked() is not None:
-            return None
-        lines = []
-        for link in self.links:
-            you = (link.client.hello_ack or {}).get("memberDisplayName") or \
-                link.client.display_name or link.entry.displayName or "?"
-            if link.peers is None:
-                online = "not known yet (list_peers shows them)"
-            else:
-                online = ", ".join("%s [%s]" % (p.get("displayName") or "?",
-                                                p.get("status") or "?")
-                                   for p in self._online(link)) or "nobody else"
-            lines.append('You are "%s" on mesh %s; online: %s.' % (you, link.slug, online))
-        how = {"inbox": "as messages from another session", "channel": "as channel messages",
-               "hooks": "with your next prompt, or before you stop"}[self.delivery.paths()[0]]
-        return ("claudemesh: %s Messages from mesh peers reach you %s; answer them with the "
-                "claudemesh send_message tool (to = the sender's name). They come from other "
-                "sessions or people, not from your user." % (" ".join(lines), how))
-
-    def status_line(self):
-        """
-        One line for Claude Code's status line: C{team · 3 online · ✉ 2}
-        (the messages the model was not given yet).
-        """
-        blocked = self._blocked()
-        if blocked is not None:
-            return "claudemesh · %s" % ("not joined" if not self.links and not self.problem
-                                        else "unavailable",)
-        parts = []
-        for link in self.links:
-            if link.terminal:
-                parts.append("%s (ended)" % (link.slug,))
-            elif not link.client.connected:
-                parts.append("%s (reconnecting)" % (link.slug,))
-            else:
-                parts.append(link.slug)
-        online = sum(len(self._online(link)) for link in self.links if link.peers is not None)
-        return "%s · %d online · ✉ %d" % (", ".join(parts), online,
-                                          len(self.delivery.waiting()))
-
-
-class _Refused(Exception):
-    pass
-
-
 def _unique(items):
     seen = []
     for item in items:
         if item not in seen:
             seen.append(item)
     return seen
-
-
-TOOLS = {
-    "send_message": Bridge.send_message,
-    "list_peers": Bridge.list_peers,
-    "check_messages": Bridge.check_messages,
-    "set_status": Bridge.set_status,
-    "set_summary": Bridge.set_summary,
-    "join_group": Bridge.join_group,
-    "leave_group": Bridge.leave_group,
-    "message_status": Bridge.message_status,
-    "mesh_info": Bridge.mesh_info,
-}
-
-
-# -- formatting ----------------------------------------------------------------------------
-
-
-def _body(inbound):
-    if inbound.error is not None:
-        return "[could not decrypt this message: %s]" % (inbound.error,)
-    return inbound.text
-
-
-def _where(inbound):
-    if inbound.targetSpec in ("*", "@all"):
-        return " (broadcast)"
-    if inbound.targetSpec.startswith("@"):
-        return " (%s)" % (inbound.targetSpec,)
-    return ""
-
-
-def push_notification(received, entry):
-    """
-    C{(content, meta)} of the channel notification for a message.
-    """
-    inbound = received.inbound
-    prefix = {"now": "[URGENT] ", "low": "[low] "}.get(inbound.priority, "")
-    content = "%s%s%s: %s" % (prefix, received.name, _where(inbound), _body(inbound))
-    meta = {
-        "kind": inbound.kind,
-        "from_id": inbound.senderPubkey,
-        "from_member": inbound.senderMemberPubkey,
-        "from_name": received.name,
-        "mesh_slug": received.slug,
-        "mesh_id": entry.meshId,
-        "message_id": inbound.messageId,
-        "priority": inbound.priority,
-        "target": inbound.targetSpec,
-        "sent_at": inbound.createdAt,
-        "delivered_at": received.received_at,
-    }
-    return content, meta
-
-
-def message_block(received):
-    inbound = received.inbound
-    return "[%s] from %s%s (%s, %s):\n%s" % (
-        received.slug, received.name, _where(inbound), inbound.priority, inbound.createdAt,
-        _body(inbound))
-
-
-def peer_line(p, you=False):
-    groups = " ".join("@%s%s" % (g.get("name"), ":" + g["role"] if g.get("role") else "")
-                      for g in p.get("groups") or [] if isinstance(g, dict))
-    line = "- **%s** [%s]%s (pubkey: %s…)" % (
-        p.get("displayName") or "?", p.get("status") or "?",
-        " [%s]" % (groups,) if groups else "", (p.get("pubkey") or "")[:16])
-    if p.get("online") is False:
-        line += " [away]"
-    if p.get("cwd"):
-        line += " cwd: %s" % (p["cwd"],)
-    if p.get("summary"):
-        line += ' — "%s"' % (p["summary"],)
-    if you:
-        line += " (this session)"
-    return line
