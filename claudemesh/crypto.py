@@ -11,6 +11,7 @@ broadcasts use secretbox under the 32-byte mesh key.
 import base64
 import binascii
 import hashlib
+import hmac
 import re
 
 import nacl.bindings
@@ -27,6 +28,10 @@ HELLO_TAG = "claudemesh-hello/1"
 SESSION_PROOF_TAG = "claudemesh-session/1"
 CREATE_TAG = "claudemesh-create/1"
 INVITE_TAG = "claudemesh-invite/1"
+# An invite that carries a check value of the mesh key signs it too.
+INVITE_CHECKED_TAG = "claudemesh-invite/2"
+MESH_KEY_CHECK_TAG = "claudemesh-mesh-key-check/1"
+HEX32 = re.compile(r"\A[0-9a-f]{32}\Z")
 JOIN_TAG = "claudemesh-join/1"
 HOOK_TAG = "claudemesh-hook/1"
 
@@ -76,10 +81,35 @@ def create_mesh_string(name, owner_pubkey, timestamp) -> bytes:
     return "|".join([CREATE_TAG, name, owner_pubkey, str(timestamp)]).encode("utf-8")
 
 
-def invite_string(mesh_id, invite_id, role, expires_at, inviter_pubkey, broker_url) -> bytes:
-    return "|".join(
-        [INVITE_TAG, mesh_id, invite_id, role, str(expires_at), inviter_pubkey, broker_url]
-    ).encode("utf-8")
+def invite_string(mesh_id, invite_id, role, expires_at, inviter_pubkey, broker_url,
+                  mesh_key_check=None) -> bytes:
+    """
+    What an inviter signs. Without a mesh key check value it is the string
+    of DESIGN section 4.1 (C{claudemesh-invite/1|…|brokerUrl}); with one, it
+    is C{claudemesh-invite/2|…|brokerUrl|meshKeyCheck}, so the check value
+    cannot be stripped or swapped without breaking the signature.
+    """
+    fields = [mesh_id, invite_id, role, str(expires_at), inviter_pubkey, broker_url]
+    if mesh_key_check is None:
+        return "|".join([INVITE_TAG] + fields).encode("utf-8")
+    return "|".join([INVITE_CHECKED_TAG] + fields + [mesh_key_check]).encode("utf-8")
+
+
+def mesh_key_check(mesh_key: bytes, mesh_id: str) -> str:
+    """
+    A check value of the mesh key, to carry in signed invites: the first 16
+    bytes (hex) of HMAC-SHA256 under the key of a fixed string and the mesh
+    id. Whoever lacks the key (the broker) learns nothing about it from this
+    value (HMAC is a pseudo-random function of the key), yet a joiner can
+    tell a mistyped or altered key from the right one.
+    """
+    mac = hmac.new(mesh_key, ("%s|%s" % (MESH_KEY_CHECK_TAG, mesh_id)).encode("utf-8"),
+                   hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def is_mesh_key_check(value) -> bool:
+    return isinstance(value, str) and HEX32.match(value) is not None
 
 
 def join_string(invite_id, pubkey, display_name, timestamp) -> bytes:

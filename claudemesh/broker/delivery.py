@@ -258,12 +258,19 @@ class Delivery:
             self.wake(recipient)
 
         def committed(result):
-            if not result.duplicate:
-                if self._metrics is not None:
-                    self._metrics.messages_routed.labels(frame.priority).inc()
-                self._push_fresh(message, result.seq, routed)
-            return protocol.Ack(id=client_id, messageId=result.message_id,
-                                queued=True).to_wire()
+            if result.duplicate:
+                return protocol.Ack(id=client_id, messageId=result.message_id,
+                                    queued=True).to_wire()
+            if self._metrics is not None:
+                self._metrics.messages_routed.labels(frame.priority).inc()
+            self._push_fresh(message, result.seq, routed)
+            # How many recipients, and how many a live session takes at once
+            # (leased now, or claimed by a busy outbox right after); the
+            # rest wait: offline, or working/dnd for this priority.
+            pushed = sum(1 for _, taker in routed if taker is not None) + sum(
+                1 for s in busy if may_receive(s.status.status, frame.priority))
+            return protocol.Ack(id=client_id, messageId=result.message_id, queued=True,
+                                recipients=len(routed), pushed=pushed).to_wire()
 
         def failed(f):
             self._log.failure("storing a message failed", f)

@@ -394,6 +394,9 @@ class Membership:
             member, only = self.resolve(mesh, frame.target)
             self._check_target(session, member, verb)
             chosen = only if only is not None else mesh.sessions_of(member.id)
+            # One-shot commands (never listed as peers) end by themselves
+            # within seconds; they are nobody's presence.
+            chosen = [s for s in chosen if s.listed]
         else:
             if frame.stale is not None:
                 reason += "_stale"
@@ -402,6 +405,8 @@ class Membership:
                 if s.member.id == session.member.id or s.member.role == "owner":
                     continue
                 if s.member.role == "admin" and session.member.role != "owner":
+                    continue
+                if not s.listed:
                     continue
                 if frame.stale is not None and now - s.last_active_at <= frame.stale:
                     continue
@@ -412,7 +417,12 @@ class Membership:
             code, ending = protocol.CLOSE_NORMAL, "grace"
         else:
             code, ending = protocol.CLOSE_KICKED, "kicked"
-        names = [s.display_name for s in sorted(chosen, key=lambda s: s.display_name)]
+        chosen = sorted(chosen, key=lambda s: (s.display_name, s.connected_at))
+        names = [s.display_name for s in chosen]
+        # Which session each name is, and whether it was connected: a kick
+        # also ends sessions in grace, which is not ending a connected one.
+        detail = [{"name": s.display_name, "memberPubkey": s.member.pubkey,
+                   "sessionId": s.session_id, "online": s.live} for s in chosen]
         for s in chosen:
             self._presence.end_connection(s, code, reason, ending)
         if chosen:
@@ -420,7 +430,7 @@ class Membership:
                 "targets": sorted({s.member.pubkey for s in chosen}), "count": len(chosen),
                 "reason": reason})
         reply = protocol.KickAck if verb == "kick" else protocol.DisconnectAck
-        return reply(kicked=names, affected=names).to_wire()
+        return reply(kicked=names, affected=names, sessions=detail).to_wire()
 
     # -- ban and unban --------------------------------------------------------------------
 

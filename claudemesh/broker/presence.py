@@ -145,6 +145,8 @@ class Presence:
             memberId=member.id, memberDisplayName=display_name, role=member.role,
             serverTime=now, statusTtlSeconds=self._settings.status_ttl_seconds,
             hookFreshWindowSeconds=self._settings.hook_fresh_window_seconds,
+            # Clients refuse a bigger frame before sending it (issue 13).
+            maxMessageBytes=self._settings.max_message_bytes or None,
             restored=True if restored else None, watch=True if session.watch else None,
             **extra)
         return session, ack.to_wire()
@@ -224,7 +226,7 @@ class Presence:
         self._delivery.attach(session)
         self._hooks.apply_pending(session)
         self._writes.open_session(session.record())
-        if session.announced:
+        if session.listed:
             departed = mesh.departed.pop((member.id, session.session_id), None)
             event = "peer_returned" if departed is not None else "peer_joined"
             data = peer_event_data(session)
@@ -280,7 +282,7 @@ class Presence:
         session.grace_call = None
         now = self._now()
         self._writes.close_session(session.presence_id, now)
-        if session.announced:
+        if session.listed:
             mesh.departed[(session.member.id, session.session_id)] = (now, session.summary)
             if len(mesh.departed) > DEPARTED_KEPT:
                 mesh.departed.pop(next(iter(mesh.departed)))
@@ -308,7 +310,7 @@ class Presence:
     # -- peers ---------------------------------------------------------------------
 
     def list_peers(self, session, frame):
-        listed = [s for s in session.mesh.sessions.values() if s.announced or s is session]
+        listed = [s for s in session.mesh.sessions.values() if s.listed or s is session]
         return pages.page(protocol.PeersList(peers=[]).to_wire(), "peers", listed,
                           self._settings.max_message_bytes, peer_row,
                           lambda s: (s.connected_at, s.order), (int, int), frame.cursor)

@@ -102,6 +102,9 @@ class Session:
         self.groups = dict(hello.groups)
         self.receive = hello.receive
         self.watch = hello.watch
+        # presence:false (a one-shot inbox): receives like any peer, but is
+        # never shown (see listed).
+        self.presence = hello.presence
         self.status = StatusState("idle", "jsonl", now)
         self.summary = None
         self.connected_at = now
@@ -131,6 +134,15 @@ class Session:
         C{receive:false} sessions nor for watching ones.
         """
         return self.receive and not self.watch
+
+    @property
+    def listed(self) -> bool:
+        """
+        Is this session shown as a peer: presence events when it comes and
+        goes, a row in others' C{peers_list}, a choice of disconnect/kick?
+        An announced session, unless its hello said C{presence:false}.
+        """
+        return self.announced and self.presence
 
     def record(self):
         return SessionRecord(

@@ -167,31 +167,38 @@ class StatusBoard:
             self._tell_watchers(target)
 
     def join_group(self, session, frame):
-        if frame.name not in session.groups and len(session.groups) >= protocol.MAX_GROUPS:
-            # The same cap as a hello's: a session's groups go into every
-            # peers_list row and presence event about it (issue 11).
-            raise protocol.Refusal(
-                "too_many_groups", "a session holds at most %d groups; leave one first"
-                % (protocol.MAX_GROUPS,))
-        session.groups[frame.name] = frame.role
-        self._writes.update_session(session.presence_id, {"groups": tuple(sorted(session.groups))})
-        self._tell_watchers(session)
-        # Deliveries to @that-group may be waiting for a session in it.
-        self._delivery.wake(session)
+        # The calling session, another of its member's (sessionId) or all
+        # of them (all: what the CLI's join-group sends).
+        targets = self._own_targets(session, frame.sessionId, frame.all)
+        for target in targets:
+            if frame.name not in target.groups and len(target.groups) >= protocol.MAX_GROUPS:
+                # The same cap as a hello's: a session's groups go into every
+                # peers_list row and presence event about it (issue 11).
+                raise protocol.Refusal(
+                    "too_many_groups", "a session holds at most %d groups; leave one first"
+                    % (protocol.MAX_GROUPS,))
+        for target in targets:
+            target.groups[frame.name] = frame.role
+            self._writes.update_session(
+                target.presence_id, {"groups": tuple(sorted(target.groups))})
+            self._tell_watchers(target)
+            # Deliveries to @that-group may be waiting for a session in it.
+            self._delivery.wake(target)
 
     def leave_group(self, session, frame):
-        if frame.name in session.groups:
-            del session.groups[frame.name]
-            self._writes.update_session(
-                session.presence_id, {"groups": tuple(sorted(session.groups))})
-            self._tell_watchers(session)
+        for target in self._own_targets(session, frame.sessionId, frame.all):
+            if frame.name in target.groups:
+                del target.groups[frame.name]
+                self._writes.update_session(
+                    target.presence_id, {"groups": tuple(sorted(target.groups))})
+                self._tell_watchers(target)
 
     def _tell_watchers(self, session):
         """
         Tell the watching sessions that C{session}'s status, summary or
         groups changed (C{peer_status}, carrying its C{peers_list} row).
         """
-        if session.announced:
+        if session.listed:
             row = peer_row(session)
             budget = self._settings.max_message_bytes
             if budget and pages.size_of(row) > budget:

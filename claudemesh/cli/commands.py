@@ -1,9 +1,15 @@
 """
 The C{claudemesh} commands. Every command that talks to a mesh goes through
 L{with_mesh}: one connection, one short-lived session (C{cli-<pid>-<random>},
-no session key, C{receive:false} unless the command reads messages), a
-bounded number of connection attempts, and one place that turns the
-client's failures into a message and an exit code.
+no session key, C{receive:false} unless the command reads messages, and
+never announced as a presence unless it is C{listen}), a bounded number of
+connection attempts, and one place that turns the client's failures into a
+message and an exit code.
+
+Results are honest: a command says what the broker actually did (who a
+message is for and whether it was pushed now or waits, how many sessions a
+status reached, which of the kicked sessions were connected) rather than
+what was asked.
 """
 
 import datetime
@@ -13,12 +19,12 @@ import os
 import secrets
 import socket
 import sys
-import time
 
 from twisted.internet import defer, task
 
 from claudemesh import crypto, protocol
-from claudemesh.cli.main import (
+from claudemesh.cli import spinner
+from claudemesh.cli.exitcodes import (
     EXIT_AUTH,
     EXIT_BAD_ARGUMENTS,
     EXIT_FAILURE,
@@ -27,6 +33,7 @@ from claudemesh.cli.main import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_PERMISSION,
+    EXIT_TOO_LARGE,
 )
 from claudemesh.client import config as configuration
 from claudemesh.client import connection, history, membership, meshkeys, messages
@@ -38,6 +45,13 @@ CONNECT_TIMEOUT = 5.0
 
 DISCONNECT_HINT = "They will auto-reconnect within seconds."
 KICK_HINT = "They can rejoin anytime by running claudemesh."
+DIRECTORY_HINT = "'claudemesh peers' lists who is connected, 'claudemesh members' everyone"
+NO_SESSION = ("no session of yours is connected to \"%s\", so nothing changed: a status, "
+              "a summary and groups belong to running sessions (Claude Code started with "
+              "'claudemesh', or 'claudemesh listen')")
+# Broker refusals of a join, and what the user can do about them.
+INVITE_CODES = ("invite_not_found", "invite_revoked", "invite_expired", "invite_exhausted",
+                "invite_bad_signature", "invite_mesh_mismatch")
 
 # Broker error codes and the exit code each means.
 EXIT_FOR_CODE = {
@@ -99,6 +113,14 @@ def _load(environ):
     return directory, configuration.load(directory)
 
 
+def _chosen(config, arguments, environ):
+    return configuration.choose(config, getattr(arguments, "mesh", None), environ)
+
+
+def plural(count, word, many=None):
+    return "%d %s" % (count, word if count == 1 else (many or word + "s"))
+
+
 # -- local commands ------------------------------------------------------------------
 
 
@@ -157,7 +179,36 @@ def cmd_whoami(arguments, environ):
     return EXIT_OK
 
 
-LOCAL = {"list": cmd_list, "whoami": cmd_whoami}
+def cmd_use(arguments, environ):
+    directory, config = _load(environ)
+    if arguments.clear:
+        config.defaultMesh = None
+        configuration.save(directory, config)
+        out("No default mesh any more.")
+        return EXIT_OK
+    if not arguments.mesh_slug:
+        current = config.defaultMesh if config.find(config.defaultMesh or "") else None
+        if arguments.json:
+            out_json({"defaultMesh": current, "environment": environ.get(
+                configuration.MESH_VARIABLE) or None})
+        elif current:
+            out("Default mesh: %s" % (current,))
+        else:
+            out("No default mesh (joined: %s). Pick one with: claudemesh use <mesh>"
+                % (", ".join(m.slug for m in config.meshes) or "none",))
+        return EXIT_OK
+    entry = config.select(arguments.mesh_slug)
+    config.defaultMesh = entry.slug
+    configuration.save(directory, config)
+    if arguments.json:
+        out_json({"defaultMesh": entry.slug})
+    else:
+        out('Commands now act on "%s" unless --mesh or $CLAUDEMESH_MESH says otherwise.'
+            % (entry.slug,))
+    return EXIT_OK
+
+
+LOCAL = {"list": cmd_list, "whoami": cmd_whoami, "use": cmd_use}
 
 
 # -- networked commands -----------------------------------------------------------------
@@ -191,8 +242,14 @@ def _failure_code(failure):
     if isinstance(e, connection.TerminalClose):
         err(e.message)
         return EXIT_AUTH if e.code == protocol.CLOSE_POLICY else EXIT_FAILURE
+    if isinstance(e, connection.MessageTooLarge):
+        err("claudemesh: %s" % (e.message,))
+        return EXIT_TOO_LARGE
     if isinstance(e, connection.Unreachable):
-        err("claudemesh: %s Is it running?" % (e.message,))
+        if "TLS handshake failed" in e.message or "404" in e.message:
+            err("claudemesh: %s" % (e.message,))
+        else:
+            err("claudemesh: %s Is it running?" % (e.message,))
         return EXIT_NETWORK
     if isinstance(e, connection.SessionReplaced):
         err("claudemesh: %s" % (e.message,))
@@ -204,17 +261,26 @@ def _failure_code(failure):
         err("claudemesh: %s: %s" % (e.code, e.message))
         for candidate in e.frame.get("candidates") or []:
             err("  %s  %s" % (candidate.get("name"), candidate.get("pubkey")))
+        if e.code == "not_found" and "peer" in e.message:
+            err("  (%s; a key prefix needs 8 or more hex characters)" % (DIRECTORY_HINT,))
         return EXIT_FOR_CODE.get(e.code, EXIT_FAILURE)
     if isinstance(e, membership.HTTPRefusal):
         err("claudemesh: %s: %s" % (e.code, e.message))
         if e.code == "unauthorized" and e.status == 401:
             err("  (the broker wants its admin token: --admin-token-file FILE or "
                 "CLAUDEMESH_ADMIN_TOKEN)")
+        if e.code in INVITE_CODES:
+            err("  (%s)" % (messages.EXPIRED_HINT,))
+        if e.status == 404 and e.code == "not_found":
+            err("  (nothing at that address answers like a claudemesh broker: is the URL "
+                "right? It looks like %s)" % (messages.URL_FORM,))
         return EXIT_FOR_CODE.get(e.code, EXIT_FAILURE)
     if isinstance(e, messages.TargetError):
         err("claudemesh: %s" % (e.message,))
         for candidate in e.candidates:
             err("  %s  %s" % (candidate["name"], candidate["pubkey"]))
+        if e.code == "not_found":
+            err("  (%s)" % (DIRECTORY_HINT,))
         return EXIT_NOT_FOUND if e.code == "not_found" else EXIT_FAILURE
     if isinstance(e, connection.ClientError):
         err("claudemesh: %s" % (e.message,))
@@ -235,24 +301,29 @@ def session_id():
 
 @defer.inlineCallbacks
 def with_mesh(reactor, arguments, environ, action, receive=False, on_message=None,
-              on_event=None, entry=None):
+              on_event=None, entry=None, presence=False, **client_options):
     """
     Connect to the chosen mesh as a short-lived session, run
     C{action(client)} (which may return a L{Deferred}), and close.
 
     The client's failures (terminal close, unreachable broker, refusals)
     propagate to L{_failure_code}.
+
+    @param presence: whether the session is announced to the mesh (only
+        C{listen}, a person watching, is).
     """
     if entry is None:
         _, config = _load(environ)
-        entry = config.select(getattr(arguments, "mesh", None))
+        entry = _chosen(config, arguments, environ)
     display_name = environ.get("CLAUDEMESH_DISPLAY_NAME") or entry.displayName
     client = connection.MeshClient(
         reactor, entry, session_id(), receive=receive, display_name=display_name,
         on_message=on_message, on_event=on_event, max_attempts=CONNECT_ATTEMPTS,
-        connect_timeout=CONNECT_TIMEOUT, history=history.from_environ(environ, "cli"))
+        connect_timeout=CONNECT_TIMEOUT, presence=presence,
+        history=history.from_environ(environ, "cli"), **client_options)
     try:
-        yield client.start()
+        yield spinner.around(reactor, sys.stderr, "connecting to %s…" % (entry.brokerUrl,),
+                             client.start(), environ)
         result = yield action(client)
         # Issue 17: key copies being fetched or shared, then what an owner
         # or admin should know about the mesh key.
@@ -292,22 +363,43 @@ def _unique_slug(config, slug, mesh_id):
     return "%s-%s" % (slug, mesh_id[:6])
 
 
+def _broker_url(url, what="--broker"):
+    """
+    The canonical form of a broker URL the user typed, telling them when it
+    was corrected.
+    """
+    try:
+        fixed, changed = messages.normalise_broker_url(url)
+    except ValueError as e:
+        raise CommandFailed("%s: %s" % (what, e), EXIT_BAD_ARGUMENTS) from None
+    if changed:
+        err("claudemesh: using %s (the broker's WebSocket URL) for %s" % (fixed, url))
+    return fixed
+
+
 @defer.inlineCallbacks
 def cmd_new(reactor, arguments, environ):
     name = _valid_name(arguments.mesh_name, "a mesh name")
     display_name = _valid_name(arguments.name or default_display_name(environ),
                                "a display name")
-    broker_url = arguments.broker or environ.get("CLAUDEMESH_BROKER_URL") or DEFAULT_BROKER_URL
-    try:
-        messages.check_broker_url(broker_url)
-    except ValueError as e:
-        raise CommandFailed(str(e), EXIT_BAD_ARGUMENTS) from None
+    broker_url = _broker_url(
+        arguments.broker or environ.get("CLAUDEMESH_BROKER_URL") or DEFAULT_BROKER_URL)
     token = _admin_token(arguments, environ)
     directory, config = _load(environ)
-    entry = yield membership.create_mesh(reactor, broker_url, name, display_name, token)
+    twins = [m for m in config.meshes if m.name == name and m.brokerUrl == broker_url]
+    entry = yield spinner.around(
+        reactor, sys.stderr, "creating the mesh on %s…" % (broker_url,),
+        membership.create_mesh(reactor, broker_url, name, display_name, token), environ)
     entry.slug = _unique_slug(config, entry.slug, entry.meshId)
+    entry.meshKeyCheck = crypto.mesh_key_check(entry.mesh_key, entry.meshId)
     config.put(entry)
     configuration.save(directory, config)
+    if twins:
+        # Said after the fact because a second mesh of that name may well be
+        # wanted; what matters is that it is not a surprise later.
+        err('claudemesh: note: you already had a mesh called "%s" on this broker (%s); this '
+            'is another one, "%s". Commands now need --mesh, or pick a default with '
+            "'claudemesh use <slug>'." % (name, ", ".join(m.slug for m in twins), entry.slug))
     if arguments.json:
         out_json({"meshId": entry.meshId, "memberId": entry.memberId, "slug": entry.slug,
                   "name": entry.name, "role": entry.role, "displayName": display_name,
@@ -319,19 +411,27 @@ def cmd_new(reactor, arguments, environ):
     out("Invite people with: claudemesh invite")
 
 
-def print_qr(link):
+def qr_text(link):
+    """
+    The QR code of C{link} for a terminal: half-block characters (two module
+    rows per line), full quiet zone, light modules drawn in the foreground
+    colour as terminals with a dark background need. Returns the text, or
+    C{None} without segno.
+    """
     try:
         import segno
     except ImportError:
-        return
-    qr = segno.make(link, error="l")
-    qr.terminal(out=sys.stdout, compact=True)
-    sys.stdout.flush()
+        return None
+    import io
+
+    buffer = io.StringIO()
+    segno.make(link, error="l").terminal(out=buffer, compact=True)
+    return buffer.getvalue()
 
 
 def cmd_invite(reactor, arguments, environ):
     _, config = _load(environ)
-    entry = config.select(arguments.mesh)
+    entry = _chosen(config, arguments, environ)
     if entry.mesh_key is None:
         raise CommandFailed('no mesh key for "%s" in the config: an invite without it could '
                             "not read broadcasts" % (entry.slug,))
@@ -341,18 +441,20 @@ def cmd_invite(reactor, arguments, environ):
         reply = yield request(client, {"type": "create_invite", "role": arguments.role,
                                        "maxUses": arguments.uses,
                                        "expiresIn": arguments.expires})
-        invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
-                                      reply["inviteId"], arguments.role, reply["expiresAt"],
-                                      entry.brokerUrl)
         # The current epoch's key (issue 17), fetched at hello if need be.
         yield client.mesh_keys.settled()
         try:
             epoch, key = client.mesh_keys.invite_key()
         except meshkeys.NoKey as e:
             raise CommandFailed(str(e)) from None
+        # Signed with the check value of the key the link carries (issue 13).
+        invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
+                                      reply["inviteId"], arguments.role, reply["expiresAt"],
+                                      entry.brokerUrl, key)
         link = messages.invite_link(invite, key, epoch)
+        compact = messages.compact_invite_link(invite, key, epoch)
         if arguments.json:
-            out_json({"link": link, "inviteId": reply["inviteId"],
+            out_json({"link": link, "compactLink": compact, "inviteId": reply["inviteId"],
                       "expiresAt": reply["expiresAt"]})
             return
         expires = datetime.datetime.fromtimestamp(reply["expiresAt"], datetime.timezone.utc)
@@ -363,38 +465,77 @@ def cmd_invite(reactor, arguments, environ):
         out(link)
         out()
         if sys.stdout.isatty():
-            print_qr(link)
+            text = qr_text(compact or link)
+            if text:
+                # The QR code holds the compact form of the same invite.
+                sys.stdout.write(text)
+                sys.stdout.flush()
         out("They join with: claudemesh join '<link>'  (the part after # is the mesh key: "
             "share the link privately)")
 
     return with_mesh(reactor, arguments, environ, action, entry=entry)
 
 
+def _when(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+
+
+INVITE_ID_PREFIX = 8
+
+
+def _invite_by_prefix(invites, text):
+    """
+    The one invite whose id is C{text} or starts with it (8+ characters).
+    """
+    text = text.strip().lower()
+    exact = [i for i in invites if i["inviteId"] == text]
+    if exact:
+        return exact[0]
+    if len(text) < INVITE_ID_PREFIX:
+        raise CommandFailed("an invite id prefix needs %d or more characters ('claudemesh "
+                            "invites' lists them)" % (INVITE_ID_PREFIX,), EXIT_BAD_ARGUMENTS)
+    found = [i for i in invites if i["inviteId"].startswith(text)]
+    if not found:
+        raise CommandFailed('no invite "%s" on this mesh (\'claudemesh invites\' lists them)'
+                            % (text,), EXIT_NOT_FOUND)
+    if len(found) > 1:
+        raise CommandFailed('"%s" matches %d invites: give more of the id'
+                            % (text, len(found)), EXIT_FAILURE)
+    return found[0]
+
+
 def cmd_invites(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
+        reply = yield request(client, {"type": "list_invites"})
+        invites = reply.get("invites", [])
         if arguments.revoke:
+            invite = _invite_by_prefix(invites, arguments.revoke)
             reply = yield request(client, {"type": "revoke_invite",
-                                           "inviteId": arguments.revoke})
+                                           "inviteId": invite["inviteId"]})
             if arguments.json:
                 out_json({"revoked": reply["inviteId"]})
             else:
                 out("Revoked invite %s." % (reply["inviteId"],))
             return
-        reply = yield request(client, {"type": "list_invites"})
-        invites = reply.get("invites", [])
         if arguments.json:
             out_json(invites)
             return
         if not invites:
             out("No invites.")
-        now = time.time()
+            return
+        now = reactor.seconds()
+        out("  %-8s  %-6s  %-9s  %-20s  %s" % ("id", "role", "used", "expires", "state"))
         for i in invites:
             state = ("revoked" if i.get("revoked") else
                      "expired" if i.get("expiresAt", 0) < now else
                      "used up" if i.get("usedCount", 0) >= i.get("maxUses", 1) else "open")
-            out("  %s  %-6s  %d/%d used  %s" % (i["inviteId"], i["role"], i.get("usedCount", 0),
-                                               i.get("maxUses", 0), state))
+            out("  %-8s  %-6s  %-9s  %-20s  %s" % (
+                i["inviteId"][:INVITE_ID_PREFIX], i["role"],
+                "%d/%d" % (i.get("usedCount", 0), i.get("maxUses", 0)),
+                _when(i.get("expiresAt", 0)), state))
+        out("(revoke one with: claudemesh invites --revoke <id>)")
 
     return with_mesh(reactor, arguments, environ, action)
 
@@ -406,19 +547,30 @@ def cmd_join(reactor, arguments, environ):
     except messages.InviteError as e:
         raise CommandFailed(str(e), EXIT_BAD_ARGUMENTS) from None
     invite = parsed.invite
-    display_name = _valid_name(arguments.name or default_display_name(environ),
-                               "a display name")
     directory, config = _load(environ)
     existing = [m for m in config.meshes if m.meshId == invite["meshId"]]
+    # A re-join keeps the name already used there unless --name says otherwise.
+    known_name = existing[0].displayName if existing else None
+    display_name = _valid_name(arguments.name or known_name or default_display_name(environ),
+                               "a display name")
     identity = existing[0].identity if existing else None
     if not arguments.json:
         out('Joining mesh "%s"…' % (invite["meshName"],))
-    entry = yield membership.join_mesh(reactor, parsed, display_name, identity)
+    entry = yield spinner.around(
+        reactor, sys.stderr, "joining through %s…" % (invite["brokerUrl"],),
+        membership.join_mesh(reactor, parsed, display_name, identity), environ)
+    # The invite's check value is of the key (and epoch) its link carries.
+    entry.meshKeyCheck = invite.get("meshKeyCheck") if parsed.mesh_key else None
+    entry.meshKeyCheckEpoch = entry.meshKeyEpoch
     if existing:
         entry.slug = existing[0].slug
+        entry.groups = existing[0].groups
+        entry.extra = existing[0].extra
         if not parsed.mesh_key and existing[0].meshKey:
             entry.meshKey = existing[0].meshKey
             entry.meshKeyEpoch = existing[0].meshKeyEpoch
+            entry.meshKeyCheck = existing[0].meshKeyCheck
+            entry.meshKeyCheckEpoch = existing[0].meshKeyCheckEpoch
     else:
         entry.slug = _unique_slug(config, entry.slug, entry.meshId)
     config.put(entry)
@@ -426,7 +578,8 @@ def cmd_join(reactor, arguments, environ):
     if arguments.json:
         out_json({"meshId": entry.meshId, "memberId": entry.memberId, "slug": entry.slug,
                   "name": entry.name, "role": entry.role, "displayName": display_name,
-                  "brokerUrl": entry.brokerUrl, "alreadyMember": bool(existing)})
+                  "brokerUrl": entry.brokerUrl, "alreadyMember": bool(existing),
+                  "meshKeyVerified": entry.key_verified()})
         return
     out('Joined "%s" as %s (%s)%s.' % (entry.name, display_name, entry.role,
                                        ", with the key you already had" if existing else ""))
@@ -436,11 +589,45 @@ def cmd_join(reactor, arguments, environ):
     out("  config:    %s" % (os.path.join(directory, configuration.CONFIG_FILE),))
     if not entry.meshKey:
         out("  (the link had no mesh key after '#': broadcasts will not be readable)")
+    elif parsed.key_checked:
+        out("  mesh key:  verified against the invite")
+    if len(config.meshes) > 1 and not config.defaultMesh:
+        out("Several meshes joined now: pick one per command with --mesh, or a default with "
+            "'claudemesh use %s'." % (entry.slug,))
+
+
+def cmd_set_broker(reactor, arguments, environ):
+    directory, config = _load(environ)
+    entry = _chosen(config, arguments, environ)
+    url = _broker_url(arguments.url, "set-broker")
+    moved = configuration.MeshEntry.from_json(dict(entry.to_json(), brokerUrl=url), "config")
+
+    @defer.inlineCallbacks
+    def action(client):
+        # Reached and said hello as this member: the new URL is a broker
+        # that knows the mesh. Only then is it saved.
+        _, fresh = _load(environ)
+        current = fresh.find(entry.slug)
+        if current is None:
+            raise CommandFailed('"%s" was removed from the config meanwhile' % (entry.slug,))
+        before = current.brokerUrl
+        current.brokerUrl = url
+        configuration.save(directory, fresh)
+        if arguments.json:
+            out_json({"mesh": entry.slug, "brokerUrl": url, "before": before})
+        else:
+            out('"%s" now uses %s (was %s).' % (entry.slug, url, before))
+        yield defer.succeed(None)
+
+    return with_mesh(reactor, arguments, environ, action, entry=moved)
 
 
 def cmd_leave(reactor, arguments, environ):
     directory, config = _load(environ)
-    entry = config.select(arguments.mesh_slug or arguments.mesh)
+    if arguments.mesh_slug:
+        entry = config.select(arguments.mesh_slug)
+    else:
+        entry = _chosen(config, arguments, environ)
 
     @defer.inlineCallbacks
     def action(client):
@@ -486,7 +673,7 @@ def cmd_peers(reactor, arguments, environ):
             return
         out("peers on %s (%d)" % (client.mesh.slug, len(peers)))
         if not peers:
-            out("  (no peers connected)")
+            out("  (no peers connected; 'claudemesh members' lists everyone)")
         for p in peers:
             groups = ", ".join("@" + g["name"] + (":" + g["role"] if g.get("role") else "")
                                for g in p.get("groups") or [])
@@ -502,6 +689,33 @@ def cmd_peers(reactor, arguments, environ):
     return with_mesh(reactor, arguments, environ, action)
 
 
+def cmd_members(reactor, arguments, environ):
+    @defer.inlineCallbacks
+    def action(client):
+        members, peers = yield directory_of(client)
+        sessions = {}
+        for p in peers:
+            if p.get("sessionId") != client.session_id:
+                sessions.setdefault(p.get("memberPubkey"), []).append(p)
+        rows = []
+        for m in members:
+            mine = sessions.get(m["memberPubkey"], [])
+            rows.append(dict(m, sessions=len(mine),
+                             online=any(p.get("online", True) for p in mine),
+                             you=m["memberPubkey"] == client.identity.pubkey))
+        if arguments.json:
+            out_json(rows)
+            return
+        out("members of %s (%d)" % (client.mesh.slug, len(rows)))
+        for r in rows:
+            out("  %s %-20s %-6s  %s…  %s%s" % (
+                "●" if r["online"] else "○", r["name"], r["role"], r["memberPubkey"][:16],
+                plural(r["sessions"], "session") if r["sessions"] else "offline",
+                "  (you)" if r["you"] else ""))
+
+    return with_mesh(reactor, arguments, environ, action)
+
+
 @defer.inlineCallbacks
 def directory_of(client):
     """
@@ -512,23 +726,89 @@ def directory_of(client):
     return members.get("members", []), peers.get("peers", [])
 
 
+MAX_STDIN_BYTES = 16 * 1024 * 1024
+
+
+def _message_text(arguments):
+    """
+    The text of C{send}: its words, or stdin for C{-}.
+    """
+    if arguments.message != ["-"]:
+        return " ".join(arguments.message)
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1) if hasattr(sys.stdin, "buffer") \
+        else sys.stdin.read(MAX_STDIN_BYTES + 1).encode("utf-8")
+    if len(data) > MAX_STDIN_BYTES:
+        raise CommandFailed("the message on stdin is over 16 MiB", EXIT_TOO_LARGE)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandFailed("the message on stdin is not UTF-8 text", EXIT_BAD_ARGUMENTS) \
+            from None
+    if text.endswith("\n"):
+        # What `echo` adds is not part of the message.
+        text = text[:-1]
+    if not text:
+        raise CommandFailed("the message on stdin is empty", EXIT_BAD_ARGUMENTS)
+    return text
+
+
+def _why_waiting(target, peers, client):
+    """
+    Why a direct message to C{target} was not pushed at once, from the
+    peers list: offline, or each live session's status.
+    """
+    sessions = [p for p in peers if p.get("sessionId") != client.session_id
+                and target in (p.get("memberPubkey"), p.get("pubkey"))]
+    live = [p for p in sessions if p.get("online", True)]
+    if not live:
+        return "not connected now: delivered when one of their sessions connects"
+    statuses = sorted({p.get("status") for p in live})
+    return ("%s: held until they are idle, or send with --priority now"
+            % (" / ".join(statuses),))
+
+
 def cmd_send(reactor, arguments, environ):
-    text = " ".join(arguments.message)
+    text = _message_text(arguments)
 
     @defer.inlineCallbacks
     def action(client):
         target = arguments.to
-        if not messages.is_broadcast(target) and not crypto.is_pubkey(target.lower()):
+        members, peers = [], []
+        if not messages.is_broadcast(target):
             members, peers = yield directory_of(client)
-            target = messages.resolve_target(target, members, peers)
+            if not crypto.is_pubkey(target.lower()):
+                target = messages.resolve_target(target, members, peers)
         ack = yield client.send_text(target, text, arguments.priority, timeout=REQUEST_TIMEOUT)
         if not ack.get("queued"):
             raise CommandFailed("Send failed: %s" % (ack.get("error") or "refused",))
+        recipients, pushed = ack.get("recipients"), ack.get("pushed")
         if arguments.json:
             out_json({"to": arguments.to, "targetSpec": target, "messageId": ack["messageId"],
-                      "id": ack.get("id")})
+                      "id": ack.get("id"), "recipients": recipients, "pushed": pushed})
+        if recipients == 0:
+            raise CommandFailed(
+                "nobody received it: no other member%s is connected. A message to %s reaches "
+                "the members connected when it is sent (%s)" % (
+                    "" if target in ("*", "@all") else " in " + target, target,
+                    DIRECTORY_HINT))
+        if arguments.json:
+            return
+        if recipients is None:
+            # A broker older than these counts.
+            out("Sent to %s (%s)" % (arguments.to, ack["messageId"]))
+            return
+        if messages.is_broadcast(target):
+            waiting = recipients - pushed
+            out("Sent to %s: %s, %d pushed now%s (%s)" % (
+                arguments.to, plural(recipients, "member"), pushed,
+                ", %d waiting (busy or away)" % (waiting,) if waiting else "",
+                ack["messageId"]))
+        elif pushed:
+            out("Sent to %s: pushed to a live session (%s)" % (arguments.to, ack["messageId"]))
         else:
-            out("Sent to %s (%s)" % (arguments.to, ack["messageId"][:8]))
+            out("Queued for %s — %s (%s)" % (arguments.to, _why_waiting(target, peers, client),
+                                            ack["messageId"]))
+        out("  follow it with: claudemesh status %s" % (ack["messageId"],))
 
     return with_mesh(reactor, arguments, environ, action)
 
@@ -571,7 +851,8 @@ def cmd_inbox(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
         members, peers = yield directory_of(client)
-        yield task.deferLater(reactor, arguments.wait, lambda: None)
+        yield spinner.around(reactor, sys.stderr, "waiting %gs for messages…" % (arguments.wait,),
+                             task.deferLater(reactor, arguments.wait, lambda: None), environ)
         names = _names(members, peers)
         if arguments.json:
             out_json([message_json(m, names) for m in received])
@@ -587,11 +868,13 @@ def cmd_inbox(reactor, arguments, environ):
         # Let the client_acks go out before the close.
         yield task.deferLater(reactor, 0.1, lambda: None)
 
+    # Receives, but is no presence: nobody sees a peer come and go for it.
     return with_mesh(reactor, arguments, environ, action, receive=True, on_message=on_message)
 
 
 def cmd_listen(reactor, arguments, environ):
     names = {}
+    lost = []
 
     def on_message(inbound):
         if arguments.json:
@@ -608,8 +891,30 @@ def cmd_listen(reactor, arguments, environ):
         else:
             out("* %s %s" % (data.get("name", "?"), frame.get("event")))
 
+    def note(event, data, text):
+        if arguments.json:
+            out_json({"event": event, "eventData": data}, indent=None)
+        else:
+            err("claudemesh: " + text)
+
+    def on_disconnect(code, reason):
+        lost.append(reactor.seconds())
+        note("broker_lost", {"code": code, "reason": reason or ""},
+             "lost the connection to the broker (%s%s); reconnecting…"
+             % (code, " " + reason if reason else ""))
+
+    def on_connect(ack):
+        if lost:
+            note("broker_reconnected", {"afterSeconds": round(reactor.seconds() - lost[0], 1)},
+                 "reconnected to %s after %.0f s." % (
+                     client_box[0].mesh.brokerUrl, reactor.seconds() - lost[0]))
+            del lost[:]
+
+    client_box = []
+
     @defer.inlineCallbacks
     def action(client):
+        client_box.append(client)
         members, peers = yield directory_of(client)
         names.update(_names(members, peers))
         if not arguments.json:
@@ -624,8 +929,9 @@ def cmd_listen(reactor, arguments, environ):
         client.max_attempts = None
         yield action(client)
 
-    return with_mesh(reactor, arguments, environ, unbounded, receive=True,
-                     on_message=on_message, on_event=on_event)
+    return with_mesh(reactor, arguments, environ, unbounded, receive=True, presence=True,
+                     on_message=on_message, on_event=on_event,
+                     on_disconnect=on_disconnect, on_connect=on_connect)
 
 
 def _self_frame(frame, arguments):
@@ -636,15 +942,79 @@ def _self_frame(frame, arguments):
     return frame
 
 
+def _own_sessions(client, peers_list):
+    """
+    The caller's member's sessions in a C{peers_list}, this one-shot
+    session left out.
+    """
+    return [p for p in (peers_list or {}).get("peers", [])
+            if p.get("memberPubkey") == client.identity.pubkey
+            and p.get("sessionId") != client.session_id]
+
+
+@defer.inlineCallbacks
+def _on_own_sessions(client, frame, arguments):
+    """
+    Send a change for the caller's sessions; fail when there is none for it
+    to reach (the one-shot session of this command ends at once). Returns
+    the sessions it reached.
+    """
+    if not arguments.session:
+        before = yield request(client, {"type": "list_peers"})
+        if not _own_sessions(client, before):
+            raise CommandFailed(NO_SESSION % (client.mesh.slug,))
+    after = yield _checked(client, _self_frame(frame, arguments))
+    return [p for p in _own_sessions(client, after)
+            if not arguments.session or p.get("sessionId") == arguments.session]
+
+
+def _sessions_text(sessions):
+    online = sum(1 for p in sessions if p.get("online", True))
+    text = plural(len(sessions), "session")
+    if online != len(sessions):
+        text += " (%d not connected right now)" % (len(sessions) - online,)
+    return text
+
+
 def cmd_status(reactor, arguments, environ):
+    if arguments.status not in ("idle", "working", "dnd"):
+        return cmd_message_status(reactor, arguments, environ)
+
     @defer.inlineCallbacks
     def action(client):
-        frame = _self_frame({"type": "set_status", "status": arguments.status}, arguments)
-        yield _checked(client, frame)
+        frame = {"type": "set_status", "status": arguments.status}
+        sessions = yield _on_own_sessions(client, frame, arguments)
+        changed = [p for p in sessions if p.get("status") == arguments.status]
         if arguments.json:
-            out_json({"status": arguments.status})
-        else:
-            out("Status set to %s." % (arguments.status,))
+            out_json({"status": arguments.status, "sessions": len(sessions),
+                      "changed": len(changed)})
+            return
+        out("Status set to %s on %s." % (arguments.status, _sessions_text(sessions)))
+        if len(changed) != len(sessions):
+            out("  %d kept another status: a fresher Claude Code hook status wins for %ss, "
+                "and only a manual status clears dnd" % (
+                    len(sessions) - len(changed),
+                    (client.hello_ack or {}).get("hookFreshWindowSeconds", 30)))
+
+    return with_mesh(reactor, arguments, environ, action)
+
+
+def cmd_message_status(reactor, arguments, environ):
+    @defer.inlineCallbacks
+    def action(client):
+        reply = yield request(client, {"type": "message_status",
+                                       "messageId": arguments.status.lower()})
+        recipients = reply.get("recipients", [])
+        if arguments.json:
+            out_json({"messageId": reply.get("messageId"), "targetSpec": reply.get("targetSpec"),
+                      "recipients": recipients})
+            return
+        out("message %s to %s: %s" % (reply.get("messageId"), reply.get("targetSpec"),
+                                      plural(len(recipients), "recipient")))
+        if not recipients:
+            out("  (nobody: no member was connected to receive it when it was sent)")
+        for r in recipients:
+            out("  %-10s %s  %s…" % (r.get("status"), r.get("name"), (r.get("pubkey") or "")[:16]))
 
     return with_mesh(reactor, arguments, environ, action)
 
@@ -654,17 +1024,71 @@ def cmd_summary(reactor, arguments, environ):
 
     @defer.inlineCallbacks
     def action(client):
-        yield _checked(client, _self_frame({"type": "set_summary", "summary": text}, arguments))
+        sessions = yield _on_own_sessions(
+            client, {"type": "set_summary", "summary": text}, arguments)
         if arguments.json:
-            out_json({"summary": text})
+            out_json({"summary": text, "sessions": len(sessions)})
         else:
-            out("Summary set.")
+            out("Summary set on %s." % (_sessions_text(sessions),))
 
     return with_mesh(reactor, arguments, environ, action)
 
 
 def _checked(client, frame):
     return client.fire_checked(frame, timeout=REQUEST_TIMEOUT)
+
+
+def _group_name(text):
+    name = text[1:] if text.startswith("@") else text
+    if not protocol.is_valid_group(name) or name == "all":
+        raise CommandFailed("%r is not a group name: letters, digits and _.:- in parts "
+                            "separated by '/', like devs or team/backend" % (text,),
+                            EXIT_BAD_ARGUMENTS)
+    return name
+
+
+def _group_command(joining):
+    def command(reactor, arguments, environ):
+        name = _group_name(arguments.group)
+        directory, config = _load(environ)
+        entry = _chosen(config, arguments, environ)
+
+        @defer.inlineCallbacks
+        def action(client):
+            frame = {"type": "join_group" if joining else "leave_group", "name": name}
+            if joining and arguments.role:
+                frame["role"] = arguments.role
+            frame = _self_frame(frame, arguments)
+            after = yield _checked(client, frame)
+            sessions = [p for p in _own_sessions(client, after)
+                        if not arguments.session or p.get("sessionId") == arguments.session]
+            if not arguments.session:
+                # Remembered for the sessions this machine starts later.
+                _, fresh = _load(environ)
+                current = fresh.find(entry.slug)
+                if current is not None:
+                    groups = [g for g in current.groups if g.get("name") != name]
+                    if joining:
+                        groups.append({"name": name, "role": arguments.role} if arguments.role
+                                      else {"name": name})
+                    current.groups = groups
+                    configuration.save(directory, fresh)
+            if arguments.json:
+                out_json({"group": name, "joined": joining, "sessions": len(sessions),
+                          "remembered": not arguments.session})
+                return
+            if sessions:
+                out("@%s: %s by %s of yours." % (name, "joined" if joining else "left",
+                                                 _sessions_text(sessions)))
+            else:
+                out("@%s: no session of yours is connected right now." % (name,))
+            if not arguments.session:
+                out("Sessions you start on this machine from now on %s @%s."
+                    % ("join" if joining else "no longer join", name))
+
+        return with_mesh(reactor, arguments, environ, action, entry=entry)
+
+    return command
 
 
 def cmd_audit(reactor, arguments, environ):
@@ -696,6 +1120,17 @@ def cmd_audit(reactor, arguments, environ):
     return with_mesh(reactor, arguments, environ, action)
 
 
+def _named(sessions):
+    """
+    C{bob (2 sessions), carol} from session rows.
+    """
+    counts = {}
+    for row in sessions:
+        counts[row["name"]] = counts.get(row["name"], 0) + 1
+    return ", ".join(name if n == 1 else "%s (%d sessions)" % (name, n)
+                     for name, n in counts.items())
+
+
 def _remove(verb, past, hint):
     def command(reactor, arguments, environ):
         frame = {"type": verb}
@@ -710,13 +1145,27 @@ def _remove(verb, past, hint):
         def action(client):
             reply = yield request(client, frame)
             names = reply.get("affected") or reply.get("kicked") or []
+            sessions = reply.get("sessions")
+            if sessions is None:
+                # A broker older than the per-session detail.
+                sessions = [{"name": n, "online": True} for n in names]
+            online = [r for r in sessions if r.get("online")]
+            away = [r for r in sessions if not r.get("online")]
             if arguments.json:
-                out_json({"affected": names})
-            elif not names:
+                out_json({"affected": names, "sessions": sessions})
+            elif not sessions:
                 out("No peers matched.")
             else:
-                out("%s %d peer(s): %s" % (past, len(names), ", ".join(names)))
-                out(hint)
+                if online:
+                    out("%s %d peer(s): %s" % (past, len(online), _named(online)))
+                else:
+                    out("No connected peer matched.")
+                if away:
+                    out("Also ended %s that %s not connected (in grace after a drop): %s"
+                        % (plural(len(away), "session"), "was" if len(away) == 1 else "were",
+                           _named(away)))
+                if online:
+                    out(hint)
 
         return with_mesh(reactor, arguments, environ, action)
 
@@ -805,6 +1254,10 @@ NETWORKED = {
     "join": cmd_join,
     "leave": cmd_leave,
     "role": cmd_role,
+    "set-broker": cmd_set_broker,
+    "members": cmd_members,
+    "join-group": _group_command(joining=True),
+    "leave-group": _group_command(joining=False),
     "peers": cmd_peers,
     "send": cmd_send,
     "inbox": cmd_inbox,

@@ -26,7 +26,7 @@ from twisted.internet import defer
 from claudemesh import __version__
 from claudemesh.cli import install, launch
 from claudemesh.cli.commands import out, out_json, session_id
-from claudemesh.cli.main import EXIT_FAILURE, EXIT_OK
+from claudemesh.cli.exitcodes import EXIT_FAILURE, EXIT_OK
 from claudemesh.client import config as configuration
 from claudemesh.client import connection, meshkeys
 
@@ -131,9 +131,19 @@ def local_checks(report, environ):
             # load() already refused a key pair that does not match.
             report.add(True, "%s: member key %s… matches its secret" % (
                 entry.slug, entry.pubkey[:16]))
-            report.add(bool(entry.meshKey), "%s: mesh key %s" % (
-                entry.slug, "present" if entry.meshKey else "missing (broadcasts unreadable)"),
-                "join again with the full link (the part after '#' is the mesh key)")
+            verified = entry.key_verified()
+            if not entry.meshKey:
+                state = "missing (broadcasts unreadable)"
+            elif verified is None:
+                state = "present (not verifiable: no check value from the invite)"
+            elif verified:
+                state = "present and matches the invite's check value"
+            else:
+                state = "WRONG: it does not match the invite's check value"
+            report.add(bool(entry.meshKey) and verified is not False,
+                       "%s: mesh key %s" % (entry.slug, state),
+                       "join again with the full link, as the owner sent it (the part after "
+                       "'#' is the mesh key): claudemesh join '<link>'")
     claude_checks(report, environ)
     return config
 

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 
-from claudemesh.cli.main import EXIT_FAILURE, EXIT_OK
+from claudemesh.cli.exitcodes import EXIT_FAILURE, EXIT_OK
 from claudemesh.client.config import atomic_write
 
 SERVER_NAME = "claudemesh"

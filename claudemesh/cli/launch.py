@@ -24,7 +24,7 @@ import shutil
 import sys
 import uuid
 
-from claudemesh.cli.main import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK
+from claudemesh.cli.exitcodes import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK
 
 CHANNELS_FLAG = "--dangerously-load-development-channels"
 CHANNEL = "server:claudemesh"

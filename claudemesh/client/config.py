@@ -8,12 +8,15 @@ Layout (DESIGN section 4, issue 5)::
         sessions/<mesh slug>/<session id>.json    session keys of long-lived clients
         keys/<meshId>.json                        mesh keys of later epochs, 0600
 
-C{config.json} is C{{version: 1, meshes: [...]}}; each mesh entry holds the
-original's fields (C{meshId, memberId, slug, name, pubkey, secretKey,
-brokerUrl, joinedAt}) plus ours (C{meshKey, role, displayName}, and
-C{meshKeyEpoch} when the key is of a later epoch than 0). Unknown
-keys of an entry are kept as they were, so a newer client's fields survive an
-older client's write.
+C{config.json} is C{{version: 1, meshes: [...], defaultMesh?}}; each mesh
+entry holds the original's fields (C{meshId, memberId, slug, name, pubkey,
+secretKey, brokerUrl, joinedAt}) plus ours (C{meshKey, role, displayName},
+C{meshKeyEpoch} when the key is of a later epoch than 0, C{meshKeyCheck} and
+C{meshKeyCheckEpoch}, C{groups}). Unknown keys of an entry are kept as they
+were, so a newer client's fields survive an older client's write.
+
+The mesh a command acts on (L{choose}): C{--mesh}, else C{$CLAUDEMESH_MESH},
+else C{defaultMesh} (set by C{claudemesh use}), else the only one joined.
 
 A file that cannot be read as such a document is never overwritten: every
 reader raises L{ConfigError} with a message fit for a terminal.
@@ -71,11 +74,18 @@ class MeshEntry:
     meshKey: str = ""
     role: str = "member"
     displayName: str | None = None
+    # The invite's check value of the mesh key (hex), when the invite had
+    # one or this machine created the mesh: lets doctor verify the key.
+    meshKeyCheck: str | None = None
+    # Groups every session of this machine joins in its hello.
+    groups: list = attr.ib(factory=list)
     extra: dict = attr.ib(factory=dict)
     # The key epoch of meshKey (issue 17): 0 for the key a mesh started
     # with, N for a link made after its N-th rotation. Other epochs' keys
     # live in the key ring (claudemesh.client.meshkeys).
     meshKeyEpoch: int = 0
+    # The epoch of the key meshKeyCheck was made for.
+    meshKeyCheckEpoch: int = 0
     # The config directory this entry was read from (not stored), where its
     # key ring is kept; None for an entry made in memory.
     directory: str | None = attr.ib(default=None, eq=False)
@@ -121,15 +131,25 @@ class MeshEntry:
         epoch = obj.get("meshKeyEpoch", 0)
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError("%s: mesh %r has a malformed meshKeyEpoch" % (where, obj["slug"]))
-        known = set(cls.REQUIRED) | {"meshKey", "role", "displayName", "meshKeyEpoch"}
+        known = set(cls.REQUIRED) | {"meshKey", "role", "displayName", "meshKeyEpoch",
+                                     "meshKeyCheck", "meshKeyCheckEpoch", "groups"}
+        check = obj.get("meshKeyCheck")
+        check_epoch = obj.get("meshKeyCheckEpoch", 0)
+        if isinstance(check_epoch, bool) or not isinstance(check_epoch, int):
+            check_epoch = 0
+        groups = obj.get("groups")
         return cls(
             **{k: obj[k] for k in cls.REQUIRED},
             meshKey=mesh_key,
             role=obj.get("role") if isinstance(obj.get("role"), str) else "member",
             displayName=obj.get("displayName") if isinstance(obj.get("displayName"), str)
             else None,
+            meshKeyCheck=check if isinstance(check, str) and check else None,
+            groups=[g for g in groups if isinstance(g, dict) and isinstance(g.get("name"), str)]
+            if isinstance(groups, list) else [],
             extra={k: v for k, v in obj.items() if k not in known},
             meshKeyEpoch=epoch,
+            meshKeyCheckEpoch=check_epoch,
         )
 
     def to_json(self):
@@ -142,7 +162,26 @@ class MeshEntry:
             obj["displayName"] = self.displayName
         if self.meshKeyEpoch:
             obj["meshKeyEpoch"] = self.meshKeyEpoch
+        if self.meshKeyCheck:
+            obj["meshKeyCheck"] = self.meshKeyCheck
+            if self.meshKeyCheckEpoch:
+                obj["meshKeyCheckEpoch"] = self.meshKeyCheckEpoch
+        if self.groups:
+            obj["groups"] = self.groups
         return obj
+
+    def key_verified(self):
+        """
+        C{True} when the mesh key matches the check value the invite (or
+        the mesh's creation) gave, C{False} when it does not, C{None} when
+        there is nothing to compare (no key, no check value, or a check
+        value of another key epoch than the key's).
+        """
+        if not self.meshKey or not self.meshKeyCheck:
+            return None
+        if self.meshKeyCheckEpoch != self.meshKeyEpoch:
+            return None
+        return crypto.mesh_key_check(self.mesh_key, self.meshId) == self.meshKeyCheck
 
 
 @attr.s(auto_attribs=True)
@@ -154,6 +193,8 @@ class Config:
 
     meshes: list = attr.ib(factory=list)
     extra: dict = attr.ib(factory=dict)
+    # The slug 'claudemesh use' chose, or None.
+    defaultMesh: str | None = None
 
     def find(self, slug):
         for entry in self.meshes:
@@ -170,20 +211,28 @@ class Config:
     def remove(self, slug):
         before = len(self.meshes)
         self.meshes = [m for m in self.meshes if m.slug != slug]
+        if self.defaultMesh == slug:
+            self.defaultMesh = None
         return len(self.meshes) != before
 
-    def select(self, slug=None):
+    def select(self, slug=None, source=None):
         """
-        The mesh a command acts on: C{slug} when given, else the only one.
+        The mesh a command acts on: C{slug} when given, else the default
+        set by C{claudemesh use}, else the only one.
 
+        @param source: where C{slug} came from (e.g. C{"CLAUDEMESH_MESH"}),
+            named in the error when it is unknown.
         @raise ConfigError: none joined, unknown slug, or several and no slug.
         """
+        if slug is None and self.defaultMesh and self.find(self.defaultMesh) is not None:
+            return self.find(self.defaultMesh)
         if slug is not None:
             entry = self.find(slug)
             if entry is None:
                 raise ConfigError(
-                    'Not a member of a mesh called "%s" (joined: %s).'
-                    % (slug, ", ".join(m.slug for m in self.meshes) or "none"))
+                    'Not a member of a mesh called "%s"%s (joined: %s).'
+                    % (slug, " (from %s)" % (source,) if source else "",
+                       ", ".join(m.slug for m in self.meshes) or "none"))
             return entry
         if not self.meshes:
             raise ConfigError(
@@ -191,7 +240,8 @@ class Config:
                 "'claudemesh new <name>' first.")
         if len(self.meshes) > 1:
             raise ConfigError(
-                "Several meshes joined (%s): pick one with --mesh <slug>."
+                "Several meshes joined (%s): pick one with --mesh <slug>, or make one "
+                "the default with 'claudemesh use <slug>'."
                 % (", ".join(m.slug for m in self.meshes),))
         return self.meshes[0]
 
@@ -199,7 +249,28 @@ class Config:
         obj = dict(self.extra)
         obj["version"] = CONFIG_VERSION
         obj["meshes"] = [m.to_json() for m in self.meshes]
+        if self.defaultMesh:
+            obj["defaultMesh"] = self.defaultMesh
         return obj
+
+
+MESH_VARIABLE = "CLAUDEMESH_MESH"
+
+
+def choose(config, flag=None, environ=None):
+    """
+    The mesh a one-mesh command acts on: C{--mesh} (C{flag}), else
+    C{$CLAUDEMESH_MESH}, else the default of C{claudemesh use}, else the
+    only one joined.
+
+    @raise ConfigError: as L{Config.select}.
+    """
+    environ = os.environ if environ is None else environ
+    if flag:
+        return config.select(flag)
+    if environ.get(MESH_VARIABLE):
+        return config.select(environ[MESH_VARIABLE], source="$" + MESH_VARIABLE)
+    return config.select()
 
 
 def ensure_dir(path):
@@ -243,8 +314,9 @@ def load(directory):
     entries = [MeshEntry.from_json(item, path) for item in obj["meshes"]]
     for entry in entries:
         entry.directory = directory
-    extra = {k: v for k, v in obj.items() if k not in ("version", "meshes")}
-    return Config(entries, extra)
+    extra = {k: v for k, v in obj.items() if k not in ("version", "meshes", "defaultMesh")}
+    default = obj.get("defaultMesh")
+    return Config(entries, extra, default if isinstance(default, str) and default else None)
 
 
 def atomic_write(path, data: bytes, mode=0o600):

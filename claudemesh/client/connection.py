@@ -8,6 +8,12 @@ reconnects with full-jitter backoff (caps 1, 2, 4, 8, 16, 30 s), opens and
 de-duplicates pushes, C{client_ack}s each push once the application has it,
 and follows the close-code table of DESIGN section 4.4 (L{close_action}).
 
+Frame size: the broker says in C{hello_ack} how large a frame it takes
+(C{maxMessageBytes}); a bigger request fails at once with L{MessageTooLarge}
+and is never written. A broker that does not say so and closes with 1009
+fails the largest frame in flight the same way (it is not re-sent), and the
+client remembers the bound for the frames after it.
+
 The reactor is a parameter; nothing here imports the global one.
 """
 
@@ -25,6 +31,7 @@ from twisted.logger import Logger
 
 from claudemesh import crypto
 from claudemesh.client import meshkeys, messages
+from claudemesh.protocol import CLOSE_TOO_BIG
 
 BACKOFF_CAPS = (1, 2, 4, 8, 16, 30)
 HELLO_TIMEOUT = 5.0
@@ -67,6 +74,26 @@ def close_action(code, reason):
     if code == 1008 and reason in TERMINAL_POLICY_REASONS:
         return TERMINAL
     return RECONNECT
+
+
+def _is_tls_failure(failure):
+    try:
+        from OpenSSL import SSL
+    except ImportError:
+        return False
+    return failure.check(SSL.Error) is not None
+
+
+def _tls_error_text(failure):
+    """
+    OpenSSL's reason (C{wrong version number}) rather than its tuple repr.
+    """
+    args = getattr(failure.value, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        last = args[0][-1]
+        if isinstance(last, tuple) and last:
+            return str(last[-1])
+    return failure.getErrorMessage()
 
 
 def revoked_message(mesh_name):
@@ -138,6 +165,68 @@ class QueueFull(ClientError):
     """
 
 
+class MessageTooLarge(ClientError):
+    """
+    A frame is bigger than the broker accepts. Retrying cannot help.
+
+    @ivar frame_bytes: the encoded frame's size; @ivar limit: the broker's
+        largest frame, when known; @ivar text_bytes and @ivar max_text_bytes:
+        for a message, its plaintext size and about how much would fit.
+    """
+
+    def __init__(self, frame_bytes, limit, text_bytes=None, max_text_bytes=None):
+        self.frame_bytes = frame_bytes
+        self.limit = limit
+        self.text_bytes = text_bytes
+        self.max_text_bytes = max_text_bytes
+        if text_bytes is not None:
+            what = "%s bytes of text make a %s-byte frame" % (
+                _n(text_bytes), _n(frame_bytes))
+        else:
+            what = "the frame is %s bytes" % (_n(frame_bytes),)
+        if limit is not None:
+            bound = "the broker accepts at most %s bytes per frame" % (_n(limit),)
+            if max_text_bytes is not None:
+                bound += " (about %s bytes of text)" % (_n(max(max_text_bytes, 0)),)
+        else:
+            bound = "the broker closed the connection as too big (1009)"
+        ClientError.__init__(
+            self, "message too large: %s; %s. Shorten it or split it up." % (what, bound))
+
+
+def _n(number):
+    return "{:,}".format(number)
+
+
+def encode_frame(frame):
+    """
+    A frame as the client writes it: compact JSON, ASCII, so its length is
+    what the broker counts.
+    """
+    return json.dumps(frame, separators=(",", ":")).encode("utf-8")
+
+
+# What crypto_box and secretbox add to the plaintext (the MAC).
+_BOX_OVERHEAD = 16
+
+
+def too_large(frame, size, limit):
+    """
+    The L{MessageTooLarge} for C{frame} of C{size} bytes; for a C{send}, with
+    its plaintext size and the largest that fits under C{limit}.
+    """
+    if frame.get("type") != "send":
+        return MessageTooLarge(size, limit)
+    ciphertext = frame.get("ciphertext", "")
+    raw = len(ciphertext) * 3 // 4 - ciphertext[-2:].count("=")
+    text = raw - _BOX_OVERHEAD
+    fits = None
+    if limit is not None:
+        room = limit - (size - len(ciphertext))
+        fits = room // 4 * 3 - _BOX_OVERHEAD
+    return MessageTooLarge(size, limit, text, fits)
+
+
 class RequestError(ClientError):
     """
     The broker refused a request: its C{error {code, message}}.
@@ -150,6 +239,13 @@ class RequestError(ClientError):
 
 
 class _Protocol(WebSocketClientProtocol):
+    lost_reason = None
+
+    def connectionLost(self, reason):
+        # Kept for the error message: Autobahn's onClose only says 1006.
+        self.lost_reason = reason
+        WebSocketClientProtocol.connectionLost(self, reason)
+
     def onOpen(self):
         self.factory.client._opened(self)
 
@@ -161,8 +257,7 @@ class _Protocol(WebSocketClientProtocol):
         self.factory.client._closed(self, wasClean, code, reason)
 
     def send_frame(self, frame):
-        self.sendMessage(json.dumps(frame, separators=(",", ":")).encode("utf-8"),
-                         isBinary=False)
+        self.sendMessage(encode_frame(frame), isBinary=False)
 
 
 def make_factory(url, reactor, max_bytes=MAX_INBOUND_BYTES, open_timeout=CONNECT_TIMEOUT):
@@ -212,6 +307,7 @@ class MeshClient:
     def __init__(self, reactor, mesh, session_id, session_identity=None, receive=True,
                  display_name=None, pid=None, cwd=None, hello_extra=None,
                  on_message=None, on_event=None, on_terminal_close=None, on_connect=None,
+                 on_disconnect=None, presence=True,
                  max_queue=MAX_QUEUE, hello_timeout=HELLO_TIMEOUT,
                  connect_timeout=CONNECT_TIMEOUT, max_attempts=None,
                  random=_random.random, endpoint_factory=default_endpoint, history=None):
@@ -224,6 +320,10 @@ class MeshClient:
             when the broker ends the session for good.
         @param on_connect: called with each C{hello_ack} (first connection
             and every reconnection).
+        @param on_disconnect: called with C{(code, reason)} when a working
+            connection is lost and the client is about to reconnect.
+        @param presence: C{False} for a receiving session that must not be
+            announced (a one-shot C{inbox}): no presence events, not listed.
         @param max_attempts: give up (L{Unreachable}) after this many
             consecutive failed connection attempts; C{None} retries forever.
         @param history: a L{claudemesh.client.history.History} that records
@@ -243,6 +343,8 @@ class MeshClient:
         self.on_event = on_event
         self.on_terminal_close = on_terminal_close
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.presence = presence
         self.max_queue = max_queue
         self.hello_timeout = hello_timeout
         self.connect_timeout = connect_timeout
@@ -254,6 +356,9 @@ class MeshClient:
         self.history = history
 
         self.hello_ack = None
+        # The largest frame a 1009 close taught us, for brokers that do not
+        # announce maxMessageBytes.
+        self._learned_limit = None
         self.connected = False
         self.revoked = None
         self.outcome = None
@@ -269,7 +374,7 @@ class MeshClient:
         self._stopping = False
         self._finished = False
         self._req_ids = itertools.count(1)
-        # _reqId or send id -> [frame, Deferred, timeout call, written?]
+        # _reqId or send id -> [frame, Deferred, timeout call, bytes written or False]
         self._pending = collections.OrderedDict()
         self._queue = collections.deque()  # fire-and-forget frames
         self._seen = collections.OrderedDict()
@@ -288,6 +393,18 @@ class MeshClient:
     @property
     def pubkey(self):
         return self.sender_identity.pubkey
+
+    @property
+    def max_frame_bytes(self):
+        """
+        The largest frame the broker takes (its C{maxMessageBytes}, or what
+        a 1009 close taught), or C{None} when unknown.
+        """
+        announced = (self.hello_ack or {}).get("maxMessageBytes")
+        if isinstance(announced, bool) or not isinstance(announced, int) or announced <= 0:
+            announced = None
+        known = [v for v in (announced, self._learned_limit) if v is not None]
+        return min(known) if known else None
 
     def start(self):
         """
@@ -434,7 +551,8 @@ class MeshClient:
         C{set_summary}, ...) and learn whether it was refused: it carries a
         C{_reqId} (a refusal echoes it) and is followed by a C{list_peers};
         the broker handles frames in order, so a refusal of the first arrives
-        before the answer to the second. Fires with C{None} or fails with
+        before the answer to the second. Fires with the C{peers_list} that
+        followed (what the change did is visible in it) or fails with
         L{RequestError}.
         """
         frame = dict(frame)
@@ -444,10 +562,11 @@ class MeshClient:
         self._submit(req_id, frame, None).addErrback(errors.append)
         probe = self.request({"type": "list_peers"}, timeout)
 
-        def answered(_):
+        def answered(peers):
             self._resolve(req_id, None)
             if errors:
                 errors[0].raiseException()
+            return peers
 
         def probe_failed(f):
             self._resolve(req_id, None)
@@ -468,11 +587,20 @@ class MeshClient:
         entry = [frame, d, call, False]
         self._pending[key] = entry
         if self.connected:
-            self._write(entry)
+            self._write(key, entry)
         return d
 
-    def _write(self, entry):
-        entry[3] = True
+    def _write(self, key, entry):
+        """
+        Write a pending request, unless it is bigger than the broker takes:
+        then it fails with L{MessageTooLarge} and is dropped.
+        """
+        payload = encode_frame(entry[0])
+        limit = self.max_frame_bytes
+        if limit is not None and len(payload) > limit:
+            self._resolve(key, failure=too_large(entry[0], len(payload), limit))
+            return
+        entry[3] = len(payload)
         self._proto.send_frame(entry[0])
 
     def _timed_out(self, key):
@@ -544,6 +672,10 @@ class MeshClient:
             "receive": self.receive,
             "_reqId": "hello",
         }
+        if not self.presence:
+            hello["presence"] = False
+        if mesh.groups:
+            hello["groups"] = [dict(g) for g in mesh.groups]
         if self.display_name:
             hello["displayName"] = self.display_name
         if self.session_identity is not None:
@@ -574,10 +706,11 @@ class MeshClient:
         self.mesh_keys.hello(ack)
         # Requests written on a connection that dropped: a send is retried
         # with its id (stored once); anything else already failed.
-        for entry in list(self._pending.values()):
+        for key, entry in list(self._pending.items()):
             if self._proto is not proto:
                 return
-            self._write(entry)
+            if key in self._pending:
+                self._write(key, entry)
         while self._queue and self._proto is proto:
             proto.send_frame(self._queue.popleft())
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -595,9 +728,12 @@ class MeshClient:
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
+        was_working = proto is self._proto
         self._proto = self._candidate = None
         self.connected = False
         code = 1006 if code is None else code
+        if code == CLOSE_TOO_BIG:
+            self._refuse_largest_written()
         for key, entry in list(self._pending.items()):
             if entry[3] and entry[0].get("type") != "send":
                 self._resolve(key, failure=RequestError(
@@ -621,7 +757,42 @@ class MeshClient:
             self._finish(TerminalClose(code, reason, message))
         else:
             self._last_failure = "closed %s%s" % (code, " " + reason if reason else "")
+            hint = self._tls_hint(proto)
+            if hint:
+                self._last_failure = hint
+            if was_working and self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(code, reason)
+                except Exception:
+                    self._log.failure("on_disconnect failed")
             self._retry()
+
+    def _refuse_largest_written(self):
+        """
+        The broker closed 1009: a frame was too big. Fail the largest one
+        written on that connection (it is not re-sent: it would be refused
+        again) and remember its size as too big.
+        """
+        written = [(entry[3], key) for key, entry in self._pending.items() if entry[3]]
+        if not written:
+            return
+        size, key = max(written)
+        self._learned_limit = min(size - 1, self._learned_limit or size)
+        self._resolve(key, failure=too_large(self._pending[key][0], size, None))
+
+    def _tls_hint(self, proto):
+        """
+        For a C{wss://} URL whose TLS handshake failed, a message that says
+        what probably went wrong.
+        """
+        if not self.mesh.brokerUrl.startswith("wss:"):
+            return None
+        reason = getattr(proto, "lost_reason", None)
+        if reason is None or not _is_tls_failure(reason) or proto.state != proto.STATE_CONNECTING:
+            return None
+        plain = "ws:" + self.mesh.brokerUrl[len("wss:"):]
+        return ("the TLS handshake failed (%s): if this broker serves plain WebSocket, "
+                "its URL is %s" % (_tls_error_text(reason), plain))
 
     def _retry(self):
         self._attempt += 1

@@ -4,17 +4,17 @@ and target resolution: the client-side rules of DESIGN sections 4.1 and 4.2,
 without I/O.
 """
 
-import base64
 import binascii
-import json
+import datetime
 import re
 import urllib.parse
 
 import attr
 
 from claudemesh import crypto, protocol
+from claudemesh import invite as invites
 
-LINK_PREFIX = "claudemesh://join/"
+LINK_PREFIX = invites.LINK_PREFIX
 MIN_PREFIX = 8
 _HEX = re.compile(r"\A[0-9a-f]+\Z")
 
@@ -42,6 +42,8 @@ class TargetError(Exception):
 
 # -- URLs -----------------------------------------------------------------------
 
+URL_FORM = "ws://host:port/ws (or wss://host/ws behind TLS)"
+
 
 def http_base(broker_url):
     """
@@ -52,50 +54,67 @@ def http_base(broker_url):
     parts = urllib.parse.urlsplit(broker_url)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
     if scheme is None or not parts.hostname:
-        raise ValueError("a broker URL looks like ws://host:port/ws or wss://host/ws")
+        raise ValueError("a broker URL looks like " + URL_FORM)
     return "%s://%s" % (scheme, parts.netloc)
 
 
-def check_broker_url(broker_url):
+def normalise_broker_url(broker_url):
     """
-    Return C{broker_url} if it is a usable WebSocket URL, else raise
-    L{ValueError} with a message for the user.
+    The canonical form of a broker URL, C{ws[s]://host[:port]/ws}: C{http}
+    and C{https} become C{ws} and C{wss}, a missing path (or C{/}) becomes
+    C{/ws}. Returns C{(url, changed)}.
+
+    @raise ValueError: with a message for the user, for anything that is not
+        a broker URL (another scheme, no host, a bad port, another path).
     """
-    http_base(broker_url)
-    parts = urllib.parse.urlsplit(broker_url)
+    text = broker_url.strip()
+    parts = urllib.parse.urlsplit(text)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("%r is not a broker URL; it looks like %s" % (broker_url, URL_FORM))
     try:
         parts.port
     except ValueError:
         raise ValueError("the broker URL %r has a bad port" % (broker_url,)) from None
-    return broker_url
+    path = parts.path.rstrip("/")
+    if path not in ("", "/ws"):
+        raise ValueError("the broker's WebSocket path is /ws, not %r: use %s" % (
+            parts.path, urllib.parse.urlunsplit((scheme, parts.netloc, "/ws", "", ""))))
+    if parts.query or parts.fragment:
+        raise ValueError("a broker URL has no query or fragment: use %s" % (
+            urllib.parse.urlunsplit((scheme, parts.netloc, "/ws", "", "")),))
+    url = urllib.parse.urlunsplit((scheme, parts.netloc, "/ws", "", ""))
+    return url, url != broker_url
+
+
+def check_broker_url(broker_url):
+    """
+    Return the canonical form of C{broker_url} (L{normalise_broker_url}),
+    else raise L{ValueError} with a message for the user.
+    """
+    return normalise_broker_url(broker_url)[0]
 
 
 # -- invites ----------------------------------------------------------------------
 
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+EXPIRED_HINT = "ask the mesh owner (or an admin) for a new invite link"
 
 
-def _unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
-
-
-def make_invite(inviter, mesh_id, mesh_name, invite_id, role, expires_at, broker_url):
+def make_invite(inviter, mesh_id, mesh_name, invite_id, role, expires_at, broker_url,
+                mesh_key=None):
     """
-    The signed invite object of DESIGN section 4.1.
+    The signed invite object of DESIGN section 4.1; with C{mesh_key}, it
+    carries the key's check value (L{crypto.mesh_key_check}).
 
     @param inviter: the inviter's L{crypto.Identity} (owner or admin).
     """
-    signature = inviter.sign(crypto.invite_string(
-        mesh_id, invite_id, role, expires_at, inviter.pubkey, broker_url))
-    return {"v": 1, "meshId": mesh_id, "meshName": mesh_name, "inviteId": invite_id,
-            "role": role, "expiresAt": expires_at, "inviterPubkey": inviter.pubkey,
-            "brokerUrl": broker_url, "signature": signature}
+    check = crypto.mesh_key_check(mesh_key, mesh_id) if mesh_key is not None else None
+    return invites.sign_invite(inviter, mesh_id, mesh_name, invite_id, role, expires_at,
+                               broker_url, check)
 
 
 def invite_token(invite) -> str:
-    return _b64url(json.dumps(invite, separators=(",", ":")).encode("utf-8"))
+    return invites.encode_token(invite)
 
 
 def key_fragment(mesh_key: bytes, key_epoch=0) -> str:
@@ -126,21 +145,40 @@ def invite_link(invite, mesh_key: bytes, key_epoch=0) -> str:
     return LINK_PREFIX + invite_token(invite) + "#" + key_fragment(mesh_key, key_epoch)
 
 
+def compact_invite_link(invite, mesh_key: bytes, key_epoch=0):
+    """
+    The same invite in the compact form (for QR codes), or C{None} when
+    this invite cannot be packed.
+    """
+    if not invites.can_pack(invite):
+        return None
+    return LINK_PREFIX + invites.pack_token(invite) + "#" + key_fragment(mesh_key, key_epoch)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class ParsedInvite:
+    """
+    @ivar token: the JSON token (a compact link is expanded), as the broker
+        takes it.
+    @ivar key_checked: C{True} when the mesh key matched the invite's check
+        value, C{None} when there was nothing to check.
+    """
+
     token: str
     invite: dict
     mesh_key: bytes | None
     # The key epoch of mesh_key (issue 17).
     mesh_key_epoch: int = 0
+    key_checked: bool | None = None
 
 
 def parse_invite_link(link, now_seconds=None):
     """
     Read a link C{claudemesh://join/<token>#<mesh key>} (or a bare token, or
-    C{<token>#<key>}) and check its shape, signature and expiry locally.
+    C{<token>#<key>}, or the compact C{c1.} form) and check its shape,
+    signature, expiry and the mesh key's check value locally.
 
-    @raise InviteError: with the reason.
+    @raise InviteError: with the reason and what to do.
     """
     text = link.strip()
     if text.startswith(LINK_PREFIX):
@@ -149,41 +187,44 @@ def parse_invite_link(link, now_seconds=None):
         raise InviteError("not a claudemesh invite link (they start with %s)" % (LINK_PREFIX,))
     token, _, key_text = text.partition("#")
     token = token.rstrip("/")
-    if not token or not re.match(r"\A[A-Za-z0-9_-]+\Z", token):
-        raise InviteError("the invite link has no valid token")
     try:
-        invite = json.loads(_unb64url(token).decode("utf-8"))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InviteError("the invite token cannot be decoded (truncated link?)") from None
-    if not isinstance(invite, dict) or invite.get("v") != 1:
-        raise InviteError("the invite token is not a version 1 claudemesh invite")
-    for key in ("meshId", "meshName", "inviteId", "role", "inviterPubkey", "brokerUrl",
-                "signature"):
-        if not isinstance(invite.get(key), str) or not invite.get(key):
-            raise InviteError("the invite lacks the field %r" % (key,))
-    expires_at = invite.get("expiresAt")
-    if isinstance(expires_at, bool) or not isinstance(expires_at, int):
-        raise InviteError("the invite lacks the field 'expiresAt'")
-    signed = crypto.invite_string(invite["meshId"], invite["inviteId"], invite["role"],
-                                  expires_at, invite["inviterPubkey"], invite["brokerUrl"])
-    if not crypto.verify(invite["inviterPubkey"], signed, invite["signature"]):
-        raise InviteError("the invite signature is invalid (was the link altered?)")
-    if now_seconds is not None and expires_at < now_seconds:
-        raise InviteError("this invite expired")
-    mesh_key, epoch = None, 0
+        if token.startswith(invites.COMPACT_PREFIX):
+            invite = invites.unpack_token(token)
+            token = invites.encode_token(invite)
+        elif not token or not re.match(r"\A[A-Za-z0-9_-]+\Z", token):
+            raise InviteError("the invite link has no valid token; copy the whole link")
+        invite = invites.decode_token(token)
+    except invites.BadInvite as e:
+        raise InviteError("the invite cannot be read (%s): was the link cut short? Copy "
+                          "the whole link, or %s" % (e, EXPIRED_HINT)) from None
+    if not invites.verify_invite(invite):
+        raise InviteError("the invite signature is invalid (was the link altered?); "
+                          + EXPIRED_HINT)
+    if now_seconds is not None and invite["expiresAt"] < now_seconds:
+        when = datetime.datetime.fromtimestamp(invite["expiresAt"], datetime.timezone.utc)
+        raise InviteError("this invite expired on %s; %s"
+                          % (when.strftime("%Y-%m-%d %H:%M UTC"), EXPIRED_HINT))
+    mesh_key, epoch, checked = None, 0, None
     if key_text:
         try:
             mesh_key, epoch = parse_key_fragment(key_text)
         except (ValueError, binascii.Error):
-            raise InviteError("the mesh key after '#' in the link is malformed") from None
-    return ParsedInvite(token, invite, mesh_key, epoch)
+            raise InviteError("the mesh key after '#' in the link is malformed: copy the "
+                              "whole link (the key is 43 characters)") from None
+        if "meshKeyCheck" in invite:
+            if crypto.mesh_key_check(mesh_key, invite["meshId"]) != invite["meshKeyCheck"]:
+                raise InviteError(
+                    "the mesh key after '#' does not match this invite (a character changed "
+                    "or is missing?): copy the whole link again, or " + EXPIRED_HINT)
+            checked = True
+    return ParsedInvite(token, invite, mesh_key, epoch, checked)
 
 
 def join_request(token, identity, display_name, timestamp):
     """
     The body of the C{join} frame and of C{POST /join}.
     """
-    invite = json.loads(_unb64url(token).decode("utf-8"))
+    invite = invites.decode_token(token)
     signature = identity.sign(crypto.join_string(
         invite["inviteId"], identity.pubkey, display_name, timestamp))
     return {"invite": token, "pubkey": identity.pubkey, "displayName": display_name,

@@ -183,6 +183,8 @@ class Hello:
     # A watching session (claudemesh ui): presence and status events, its own
     # session-key messages, nothing meant for its member (docs/protocol.md).
     watch = field(_boolean, False)
+    # false: receives, but is no presence (no events, not listed to others).
+    presence = field(_boolean, True)
     _reqId = field(_REQ_ID, None)
 
 
@@ -233,12 +235,16 @@ class ListPeers:
 class JoinGroup:
     name = field(_group)
     role = field(_text(MAX_NAME_LENGTH), None)
+    sessionId = field(_text(MAX_ID_LENGTH, 1), None)
+    all = field(_boolean, False)
     _reqId = field(_REQ_ID, None)
 
 
 @frame("leave_group")
 class LeaveGroup:
     name = field(_group)
+    sessionId = field(_text(MAX_ID_LENGTH, 1), None)
+    all = field(_boolean, False)
     _reqId = field(_REQ_ID, None)
 
 

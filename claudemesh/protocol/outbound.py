@@ -63,6 +63,8 @@ class HelloAck:
     # what they should know about it (docs/protocol.md "Mesh key epochs").
     keyEpoch = attr.ib(default=0)
     keyStatus = _optional()
+    # The largest frame the broker takes (absent: no limit).
+    maxMessageBytes = _optional()
     restored = _optional()
     watch = _optional()
 
@@ -83,6 +85,10 @@ class Ack:
     error = _optional()
     # With stale_key_epoch and unknown_key_epoch (issue 17).
     currentEpoch = _optional()
+    # Deliveries made, and how many a live session takes at once (absent
+    # on a refusal and on the ack of a re-sent duplicate).
+    recipients = _optional()
+    pushed = _optional()
 
 
 @outbound("push")
@@ -178,12 +184,15 @@ class MembersList:
 class DisconnectAck:
     kicked = attr.ib()
     affected = attr.ib()
+    # [{name, memberPubkey, sessionId, online}], one per session.
+    sessions = _optional()
 
 
 @outbound("kick_ack")
 class KickAck:
     kicked = attr.ib()
     affected = attr.ib()
+    sessions = _optional()
 
 
 @outbound("ban_ack")
