@@ -1,7 +1,10 @@
 # claudemesh: common developer commands.
 #
 #   make run     start a broker in the foreground on the embedded SQLite store
-#                (http://localhost:7900); extra twistd options via ARGS=...
+#                (http://localhost:7900, loopback only); another port with
+#                PORT=7901, extra broker options via ARGS=...
+#   make install put the `claudemesh` command on your PATH: a link in
+#                ~/.local/bin (BINDIR=...) to the one in the virtualenv
 #   make test    run the whole trial suite
 #   make lint    ruff
 #   make bench   the benchmark (bench/, docs/performance.md); extra arguments
@@ -19,6 +22,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 ARGS ?=
+PORT ?= 7900
+BINDIR ?= $(HOME)/.local/bin
 BENCH ?=
 SOAK ?=
 FUZZ_EXAMPLES ?= 2000
@@ -28,7 +33,7 @@ RUN_STAMP := $(VENV)/.claudemesh-installed
 TEST_STAMP := $(VENV)/.claudemesh-installed-test
 BENCH_STAMP := $(VENV)/.claudemesh-installed-bench
 
-.PHONY: run test lint bench soak fuzz clean distclean
+.PHONY: run install test lint bench soak fuzz clean distclean
 
 # The pip that venv bundles (Python >= 3.11) installs editable projects fine.
 $(VENV_PYTHON):
@@ -45,8 +50,18 @@ $(TEST_STAMP): setup.cfg pyproject.toml | $(VENV_PYTHON)
 # --pidfile= : twistd writes ./twistd.pid even in the foreground otherwise,
 # and a stale one stops the next `make run`. Loopback only: a development
 # broker, where mesh creation needs no admin token (docs/membership.md).
+# PORT changes the port and keeps loopback; a --port in ARGS would replace
+# the whole endpoint (twistd keeps the last one), so it is refused here.
 run: $(RUN_STAMP)
-	$(VENV)/bin/twistd -n --pidfile= claudemesh-broker --port tcp:7900:interface=127.0.0.1 $(ARGS)
+	@case ' $(ARGS) ' in *' --port'*) echo "make run: use PORT=$(PORT) for the port (it stays loopback-only); --port in ARGS would listen on every interface" >&2; exit 2;; esac
+	$(VENV)/bin/twistd -n --pidfile= claudemesh-broker --port tcp:$(PORT):interface=127.0.0.1 $(ARGS)
+
+# A symbolic link, so the command follows this checkout (and its .venv).
+install: $(RUN_STAMP)
+	mkdir -p $(BINDIR)
+	ln -sf $(abspath $(VENV))/bin/claudemesh $(BINDIR)/claudemesh
+	@echo "claudemesh -> $(BINDIR)/claudemesh"
+	@case ":$$PATH:" in *":$(BINDIR):"*) ;; *) echo "note: $(BINDIR) is not on your PATH; add it, e.g. export PATH=\"$(BINDIR):\$$PATH\"";; esac
 
 test: $(TEST_STAMP)
 	$(VENV_PYTHON) -m twisted.trial tests

@@ -239,6 +239,17 @@ class Options(usage.Options):
     # usage.Options shows the docstring as the help text, indentation and all.
     opt_trusted_proxy.__doc__ = " ".join(opt_trusted_proxy.__doc__.split())
 
+    def opt_version(self):
+        """
+        Print the broker's version (and Twisted's and Autobahn's) and exit.
+        """
+        # twistd's own --version (before the plugin name) prints Twisted's;
+        # after it, this one answers.
+        print(version_text())
+        raise SystemExit(0)
+
+    opt_version.__doc__ = " ".join(opt_version.__doc__.split())
+
     def postOptions(self):
         environ = os.environ if self._environ is None else self._environ
 
@@ -573,6 +584,16 @@ class WebSocketFactoryService(Service):
         return super().stopService()
 
 
+def version_text():
+    """
+    C{claudemesh-broker <version> (Twisted …, Autobahn …)}.
+    """
+    import twisted
+
+    return "claudemesh-broker %s (Twisted %s, Autobahn %s)" % (
+        __version__, twisted.__version__, autobahn.__version__)
+
+
 def _log_startup(config, store_description):
     nvx = bool(getattr(autobahn.websocket, "USES_NVX", False))
     _log.info(
@@ -605,13 +626,13 @@ def makeService(config, reactor=None):
     store = make_store(
         config["database-url"], config["data-dir"], config["database-schema"], reactor
     )
-    store_service = StoreService(store)
+    store_service = StoreService(store, reactor)
     store_service.setName("store")
     store_service.setServiceParent(top)
 
     health = StoreHealth(store, reactor, opened=False)
-    # A failure to open is logged by the StoreService; readiness then stays
-    # 503, which is the truth.
+    # Until the store opens (the StoreService retries, logging why it
+    # cannot) readiness stays 503, which is the truth.
     store_service.whenOpen().addCallbacks(lambda _: health.store_opened(), lambda _: None)
     # The broker's own registry, not prometheus_client's global one: tests
     # (and several brokers in one process) stay isolated.

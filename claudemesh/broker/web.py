@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -353,10 +354,40 @@ class MetricsResource(JSONResource):
         return generate_latest(self._registry)
 
 
+# The first bytes of a TLS handshake record (ContentType 22, version 3.x).
+TLS_HANDSHAKE_START = b"\x16\x03"
+NOT_TLS_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n"
+    b"This claudemesh broker speaks plain HTTP and WebSocket on this port: use ws://, "
+    b"not wss://, or put TLS in front of it (docs/operations.md).\n")
+
+
+class BrokerChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that answers a TLS handshake at once: a client given
+    C{wss://} for a plain broker would otherwise wait for its timeout (the
+    HTTP parser waits for a line that never comes), then report a bare
+    timeout. The plain-text answer makes its TLS layer fail right away.
+    """
+
+    _first = True
+
+    def dataReceived(self, data):
+        if self._first:
+            self._first = False
+            if data.startswith(TLS_HANDSHAKE_START):
+                self.transport.write(NOT_TLS_ANSWER)
+                self.transport.loseConnection()
+                return
+        HTTPChannel.dataReceived(self, data)
+
+
 class BrokerSite(Site):
     """
     The broker's L{Site}: no per-request access log and no tracebacks in
-    error pages.
+    error pages, and L{BrokerChannel}s (HTTP/1.1: the broker does not speak
+    HTTP/2).
 
     Access logs are off because request lines are where secrets leak: a
     WebSocket URL with a token in its query, an invite token in a path. The
@@ -370,6 +401,7 @@ class BrokerSite(Site):
     # per-address counts from accept), and the largest request body.
     admission = None
     max_body_bytes = 0
+    protocol = BrokerChannel
 
     def log(self, request):
         """

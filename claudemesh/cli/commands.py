@@ -246,7 +246,7 @@ def _failure_code(failure):
         err("claudemesh: %s" % (e.message,))
         return EXIT_TOO_LARGE
     if isinstance(e, connection.Unreachable):
-        if "TLS handshake failed" in e.message or "404" in e.message:
+        if "TLS handshake" in e.message:
             err("claudemesh: %s" % (e.message,))
         else:
             err("claudemesh: %s Is it running?" % (e.message,))

@@ -76,6 +76,17 @@ def close_action(code, reason):
     return RECONNECT
 
 
+def tls_hint(url, error):
+    """
+    The message for a failed TLS handshake with C{url} (C{wss://} or
+    C{https://}): most often a plain broker given a TLS URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    plain = urllib.parse.urlunsplit(("ws", parts.netloc, "/ws", "", ""))
+    return ("the TLS handshake with %s failed (%s): if that broker serves plain WebSocket "
+            "(no TLS), its URL is %s" % (parts.netloc, error, plain))
+
+
 def _is_tls_failure(failure):
     try:
         from OpenSSL import SSL
@@ -788,11 +799,9 @@ class MeshClient:
         if not self.mesh.brokerUrl.startswith("wss:"):
             return None
         reason = getattr(proto, "lost_reason", None)
-        if reason is None or not _is_tls_failure(reason) or proto.state != proto.STATE_CONNECTING:
+        if reason is None or not _is_tls_failure(reason):
             return None
-        plain = "ws:" + self.mesh.brokerUrl[len("wss:"):]
-        return ("the TLS handshake failed (%s): if this broker serves plain WebSocket, "
-                "its URL is %s" % (_tls_error_text(reason), plain))
+        return tls_hint(self.mesh.brokerUrl, _tls_error_text(reason))
 
     def _retry(self):
         self._attempt += 1

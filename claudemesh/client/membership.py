@@ -10,7 +10,7 @@ import json
 from twisted.internet import defer
 
 from claudemesh import crypto
-from claudemesh.client import messages
+from claudemesh.client import connection, messages
 from claudemesh.client.config import MeshEntry
 from claudemesh.client.connection import ClientError, Unreachable
 
@@ -55,7 +55,7 @@ def post_json(reactor, url, body, token=None, timeout=HTTP_TIMEOUT):
                                      headers=headers, timeout=timeout)
         raw = yield response.content()
     except Exception as e:
-        raise Unreachable("Cannot reach the broker at %s (%s)." % (url, e)) from None
+        raise Unreachable("Cannot reach the broker at %s (%s)." % (url, _why(url, e))) from None
     finally:
         yield pool.closeCachedConnections()
     try:
@@ -65,6 +65,24 @@ def post_json(reactor, url, body, token=None, timeout=HTTP_TIMEOUT):
     if not isinstance(document, dict):
         document = {}
     return response.code, document
+
+
+def _why(url, error):
+    """
+    A readable reason for a failed request: treq and the Agent wrap the
+    real failures in lists of L{Failure}s.
+    """
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        failure = reasons[0]
+        if connection._is_tls_failure(failure):
+            return connection.tls_hint(url, connection._tls_error_text(failure))
+        if failure.check(defer.CancelledError):
+            return "no answer within %g s" % (HTTP_TIMEOUT,)
+        return failure.getErrorMessage() or failure.type.__name__
+    if isinstance(error, defer.CancelledError):
+        return "no answer within %g s" % (HTTP_TIMEOUT,)
+    return str(error) or type(error).__name__
 
 
 def _refusal(status, document):

@@ -118,33 +118,86 @@ def describe_store(database_url, data_dir) -> str:
     return "unsupported %s" % (describe_url(database_url),)
 
 
+OPEN_RETRY_DELAYS = (1, 2, 4, 8, 16, 30)
+
+
+def advice(store, failure):
+    """
+    What an operator can do about C{failure} to open C{store}: the store's
+    own advice (L{PostgresStore.advice}) or C{""}.
+    """
+    method = getattr(store, "advice", None)
+    return method(failure) if method is not None else ""
+
+
 class StoreService(Service):
     """
-    Open the store when the application starts and close it when it stops.
+    Open the store when the application starts, retrying until it opens,
+    and close it when it stops.
 
-    C{startService} returns a L{Deferred} for callers that wait for it, but
-    twistd does not: whatever needs the store open (the broker core's
-    start-up) should chain on L{whenOpen}. A failure to open is logged here
-    too, so that it is never silent.
+    A store that cannot be opened at start-up (Postgres down, the database
+    not created yet) is tried again after 1, 2, 4, 8, 16 and then every 30
+    seconds, with one log line per failure saying what failed and what to
+    do; the broker becomes ready once it opens, without a restart. Only a
+    schema newer than this broker (L{SchemaTooNew}) is not retried: that
+    takes an upgrade, not time.
+
+    twistd does not wait for C{startService}: whatever needs the store open
+    (the broker core's start-up) chains on L{whenOpen}.
     """
 
     _NOT_YET = object()
 
-    def __init__(self, store):
+    def __init__(self, store, clock=None, delays=OPEN_RETRY_DELAYS):
+        """
+        @param clock: an L{IReactorTime} for the retries; the global reactor
+            when C{None} (looked up only when a retry is needed).
+        """
         self.store = store
+        self._clock = clock
+        self._delays = delays
         self._outcome = self._NOT_YET
         self._waiting = []
+        self._retry_call = None
+        self.attempts = 0
 
     def startService(self):
         Service.startService(self)
         self._outcome = self._NOT_YET
-        d = self.store.open()
+        self.attempts = 0
+        self._try_open()
+
+    def _try_open(self):
+        self._retry_call = None
+        self.attempts += 1
+        d = defer.maybeDeferred(self.store.open)
         d.addBoth(self._finished_opening)
-        return self.whenOpen()
 
     def _finished_opening(self, result):
+        if not self.running:
+            # Stopped meanwhile: stopService closes the store.
+            return None
+        if isinstance(result, Failure) and not result.check(SchemaTooNew):
+            clock = self._clock
+            if clock is None:
+                from twisted.internet import reactor as clock
+            delay = self._delays[min(self.attempts - 1, len(self._delays) - 1)]
+            error = _first_line(result)
+            if not result.check(StoreUnavailable):
+                # StoreUnavailable names the store itself.
+                error = "%s: %s" % (describe(self.store), error)
+            log.error(
+                "Cannot open the store: {error}.{advice} Retrying in {delay} s; "
+                "/health/ready answers 503 until then.",
+                error=error.rstrip("."),
+                advice=(" " + advice(self.store, result)) if advice(self.store, result) else "",
+                delay=delay)
+            self._retry_call = clock.callLater(delay, self._try_open)
+            return None
         if isinstance(result, Failure):
             log.failure("Could not open the store {store!r}", result, store=self.store)
+        elif self.attempts > 1:
+            log.info("The store is open (after {attempts} attempts).", attempts=self.attempts)
         self._outcome = result
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -159,8 +212,8 @@ class StoreService(Service):
 
     def whenOpen(self):
         """
-        A L{Deferred} firing once the store is open, or failing as opening
-        failed.
+        A L{Deferred} firing once the store is open, or failing when it
+        cannot be opened for good (L{SchemaTooNew}).
         """
         d = defer.Deferred()
         if self._outcome is self._NOT_YET:
@@ -171,4 +224,19 @@ class StoreService(Service):
 
     def stopService(self):
         Service.stopService(self)
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
         return self.store.close()
+
+
+def describe(store) -> str:
+    """
+    A store for a log line, without secrets.
+    """
+    return repr(store)
+
+
+def _first_line(failure) -> str:
+    text = str(failure.value).strip()
+    return text.splitlines()[0].strip() if text else failure.type.__name__

@@ -277,6 +277,32 @@ class PostgresStore(SQLStore):
     def __repr__(self):
         return "<PostgresStore %s schema=%s>" % (safe_dsn(self.dsn), self.schema)
 
+    def advice(self, failure):
+        """
+        What to do about a failure to open, for the start-up log line:
+        create the database, start the server, fix the credentials.
+        """
+        text = str(failure.value)
+        try:
+            params = psycopg2.extensions.parse_dsn(self.dsn)
+        except psycopg2.ProgrammingError:
+            params = {}
+        dbname = params.get("dbname", "claudemesh")
+        options = "".join(" -%s %s" % (flag, params[key]) for flag, key in
+                          (("h", "host"), ("p", "port"), ("U", "user")) if params.get(key))
+        if "does not exist" in text and "database" in text:
+            return ("Create the database: createdb%s %s (or CREATE DATABASE %s; in psql)."
+                    % (options, dbname, dbname))
+        if "does not exist" in text and "role" in text:
+            return "Create the role: createuser%s, or fix the user in DATABASE_URL." % (
+                options,)
+        if "password authentication failed" in text or "no password supplied" in text:
+            return "Check the user and password in DATABASE_URL."
+        if "Connection refused" in text or "could not connect" in text or (
+                "No such file or directory" in text):
+            return "Is PostgreSQL running and listening there (pg_isready%s)?" % (options,)
+        return ""
+
     def _unavailable(self, reason):
         return StoreUnavailable(
             "PostgreSQL (%s) is unavailable: %s" % (safe_dsn(self.dsn), reason)
