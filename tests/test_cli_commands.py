@@ -37,10 +37,13 @@ def twistd_command():
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-class CLIAgainstBrokerTests(SynchronousTestCase):
+class CLIBrokerFixture(SynchronousTestCase):
     """
-    new / invite / join / send / inbox / listen / moderation from a shell.
+    A broker subprocess per test and helpers to run C{claudemesh} as
+    several people against it (no tests of its own).
     """
+
+    broker_args = ()
 
     def start_broker(self):
         cls = self
@@ -51,7 +54,8 @@ class CLIAgainstBrokerTests(SynchronousTestCase):
         cls.broker = subprocess.Popen(
             twistd_command() + ["-n", "--pidfile=", "claudemesh-broker",
                                 "--port", "tcp:%d:interface=127.0.0.1" % (cls.port,),
-                                "--data-dir", os.path.join(cls.tmp, "data")],
+                                "--data-dir", os.path.join(cls.tmp, "data")]
+            + list(self.broker_args),
             cwd=cls.tmp, stdout=cls.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 20
         while True:
@@ -104,11 +108,12 @@ class CLIAgainstBrokerTests(SynchronousTestCase):
             for stream in (p.stdout, p.stderr):
                 stream.close()
 
-    def cm(self, who, *args, timeout=30):
+    def cm(self, who, *args, timeout=30, stdin=None, env=None):
         """
         Run one command as C{who}; returns C{(exit code, stdout, stderr)}.
         """
-        done = subprocess.run(claudemesh_command() + list(args), env=self.env(who),
+        done = subprocess.run(claudemesh_command() + list(args),
+                              env=dict(self.env(who), **(env or {})), input=stdin,
                               capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout, done.stderr
 
@@ -140,6 +145,12 @@ class CLIAgainstBrokerTests(SynchronousTestCase):
                 return p
             time.sleep(0.2)
         raise AssertionError("listen did not connect")
+
+
+class CLIAgainstBrokerTests(CLIBrokerFixture):
+    """
+    new / invite / join / send / inbox / listen / moderation from a shell.
+    """
 
     def test_new_invite_join_send_inbox(self):
         """A DM from the owner reaches a member's inbox; exit codes are 0."""

@@ -399,6 +399,9 @@ def resolve_target(spec, members=(), peers=()):
             if key.startswith(lowered) and member_key not in matches:
                 matches[member_key] = (key, name or by_member.get(member_key, ""))
     if not matches:
+        if _HEX.match(lowered) and len(lowered) < MIN_PREFIX:
+            raise TargetError("not_found", 'No member is called "%s", and a key prefix needs '
+                              '%d or more hex characters.' % (spec, MIN_PREFIX))
         raise TargetError("not_found", 'No member matches "%s".' % (spec,))
     if len(matches) > 1:
         candidates = [{"name": name, "pubkey": member_key}
