@@ -166,6 +166,7 @@ class StoreService(Service):
         self._outcome = self._NOT_YET
         self.attempts = 0
         self._try_open()
+        return self.whenOpen()
 
     def _try_open(self):
         self._retry_call = None
