@@ -135,6 +135,16 @@ class NewcomerCLITests(CLIBrokerFixture):
         code, _, err = self.cm("owner", "set-broker", "ws://localhost:1/socket")
         self.assertEqual(code, 3)
         self.assertIn("/ws", err)
+        # A config saved by an older claudemesh, without the /ws, still works.
+        path = os.path.join(self.dir, "owner", "config.json")
+        with open(path) as f:
+            document = json.load(f)
+        document["meshes"][0]["brokerUrl"] = bare
+        with open(path, "w") as f:
+            json.dump(document, f)
+        code, out, err = self.cm("owner", "peers")
+        self.assertEqual(code, 0, err)
+        self.assertIn("save it with: claudemesh set-broker %s/ws" % (bare,), err)
 
     # -- Broken 4: re-joining keeps the name -----------------------------------------
 

@@ -315,6 +315,7 @@ def with_mesh(reactor, arguments, environ, action, receive=False, on_message=Non
     if entry is None:
         _, config = _load(environ)
         entry = _chosen(config, arguments, environ)
+    entry = _usable_url(entry)
     display_name = environ.get("CLAUDEMESH_DISPLAY_NAME") or entry.displayName
     client = connection.MeshClient(
         reactor, entry, session_id(), receive=receive, display_name=display_name,
@@ -337,6 +338,23 @@ def with_mesh(reactor, arguments, environ, action, receive=False, on_message=Non
             except connection.ClientError:
                 pass
     return result
+
+
+def _usable_url(entry):
+    """
+    An entry saved before broker URLs were normalised (C{ws://host:port},
+    no C{/ws}) is used with the normalised URL, saying how to fix it for
+    good; anything else as it is.
+    """
+    try:
+        fixed, changed = messages.normalise_broker_url(entry.brokerUrl)
+    except ValueError:
+        return entry
+    if not changed:
+        return entry
+    err("claudemesh: using %s for %s (the broker's WebSocket URL); save it with: claudemesh "
+        "set-broker %s --mesh %s" % (fixed, entry.brokerUrl, fixed, entry.slug))
+    return configuration.MeshEntry.from_json(dict(entry.to_json(), brokerUrl=fixed), "config")
 
 
 def request(client, frame):
@@ -450,7 +468,7 @@ def cmd_invite(reactor, arguments, environ):
         # Signed with the check value of the key the link carries (issue 13).
         invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
                                       reply["inviteId"], arguments.role, reply["expiresAt"],
-                                      entry.brokerUrl, key)
+                                      client.mesh.brokerUrl, key)
         link = messages.invite_link(invite, key, epoch)
         compact = messages.compact_invite_link(invite, key, epoch)
         if arguments.json:
@@ -562,6 +580,11 @@ def cmd_join(reactor, arguments, environ):
     # The invite's check value is of the key (and epoch) its link carries.
     entry.meshKeyCheck = invite.get("meshKeyCheck") if parsed.mesh_key else None
     entry.meshKeyCheckEpoch = entry.meshKeyEpoch
+    try:
+        # An invite made before URLs were normalised may lack the /ws.
+        entry.brokerUrl = messages.check_broker_url(entry.brokerUrl)
+    except ValueError:
+        pass
     if existing:
         entry.slug = existing[0].slug
         entry.groups = existing[0].groups
