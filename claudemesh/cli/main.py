@@ -310,7 +310,7 @@ def _check(arguments):
         if not _MESSAGE_ID.match(arguments.status):
             close = difflib.get_close_matches(arguments.status, STATUSES, n=1, cutoff=0.5)
             raise _BadArguments(
-                "status: %r is neither a status (idle, working, dnd)%s nor a message id"
+                "status: %r is not a status (idle, working, dnd) nor a message id%s"
                 % (arguments.status, " — did you mean %s?" % (close[0],) if close else ""))
         if arguments.session:
             raise _BadArguments("status MESSAGE-ID takes no --session")
