@@ -278,3 +278,39 @@ class SpinnerTests(SynchronousTestCase):
             clock.advance(1)
             s.stop()
             self.assertEqual(stream.getvalue(), "")
+
+
+class _PagedClient:
+    """
+    Answers list_members in pages of two rows, as a broker with a small frame limit would.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.frames = []
+
+    def request(self, frame, timeout=None):
+        from twisted.internet import defer
+
+        self.frames.append(frame)
+        start = int(frame.get("cursor") or 0)
+        reply = {"type": "members_list", "members": self.rows[start:start + 2]}
+        if start + 2 < len(self.rows):
+            reply["nextCursor"] = str(start + 2)
+        return defer.succeed(reply)
+
+
+class PagingTests(SynchronousTestCase):
+    """
+    The CLI follows nextCursor, so members/peers/invites list every row.
+    """
+
+    def test_every_page(self):
+        """Five rows in pages of two: three requests, all five rows, no cursor left."""
+        from claudemesh.cli import commands
+
+        client = _PagedClient([{"name": str(i)} for i in range(5)])
+        reply = self.successResultOf(commands.request_all(client, {"type": "list_members"}))
+        self.assertEqual([m["name"] for m in reply["members"]], ["0", "1", "2", "3", "4"])
+        self.assertNotIn("nextCursor", reply)
+        self.assertEqual([f.get("cursor") for f in client.frames], [None, "2", "4"])

@@ -361,6 +361,33 @@ def request(client, frame):
     return client.request(frame, timeout=REQUEST_TIMEOUT)
 
 
+# The list each paged reply carries (the broker pages replies so that each
+# fits a frame; nextCursor says where the next page starts).
+PAGED = {"list_peers": "peers", "list_members": "members", "list_invites": "invites",
+         "list_bans": "bans", "message_status": "recipients"}
+MAX_PAGES = 1000
+
+
+@defer.inlineCallbacks
+def request_all(client, frame):
+    """
+    A paged request, every page of it: the first reply with the rows of all
+    pages in its list.
+    """
+    field = PAGED[frame["type"]]
+    reply = yield request(client, frame)
+    rows = list(reply.get(field) or [])
+    for _ in range(MAX_PAGES):
+        cursor = reply.get("nextCursor")
+        if not isinstance(cursor, str) or not cursor:
+            break
+        reply = yield request(client, dict(frame, cursor=cursor))
+        rows += reply.get(field) or []
+    first = dict(reply, **{field: rows})
+    first.pop("nextCursor", None)
+    return first
+
+
 # -- new, invite, join, leave ------------------------------------------------------------
 
 
@@ -526,7 +553,7 @@ def _invite_by_prefix(invites, text):
 def cmd_invites(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
-        reply = yield request(client, {"type": "list_invites"})
+        reply = yield request_all(client, {"type": "list_invites"})
         invites = reply.get("invites", [])
         if arguments.revoke:
             invite = _invite_by_prefix(invites, arguments.revoke)
@@ -689,7 +716,7 @@ def cmd_role(reactor, arguments, environ):
 def cmd_peers(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
-        reply = yield request(client, {"type": "list_peers"})
+        reply = yield request_all(client, {"type": "list_peers"})
         peers = [p for p in reply.get("peers", []) if p.get("sessionId") != client.session_id]
         if arguments.json:
             out_json(peers)
@@ -744,8 +771,8 @@ def directory_of(client):
     """
     Members (offline ones included) and live peers, for resolving names.
     """
-    members = yield request(client, {"type": "list_members"})
-    peers = yield request(client, {"type": "list_peers"})
+    members = yield request_all(client, {"type": "list_members"})
+    peers = yield request_all(client, {"type": "list_peers"})
     return members.get("members", []), peers.get("peers", [])
 
 
@@ -983,10 +1010,12 @@ def _on_own_sessions(client, frame, arguments):
     the sessions it reached.
     """
     if not arguments.session:
-        before = yield request(client, {"type": "list_peers"})
+        before = yield request_all(client, {"type": "list_peers"})
         if not _own_sessions(client, before):
             raise CommandFailed(NO_SESSION % (client.mesh.slug,))
     after = yield _checked(client, _self_frame(frame, arguments))
+    if after.get("nextCursor"):
+        after = yield request_all(client, {"type": "list_peers"})
     return [p for p in _own_sessions(client, after)
             if not arguments.session or p.get("sessionId") == arguments.session]
 
@@ -1025,7 +1054,7 @@ def cmd_status(reactor, arguments, environ):
 def cmd_message_status(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
-        reply = yield request(client, {"type": "message_status",
+        reply = yield request_all(client, {"type": "message_status",
                                        "messageId": arguments.status.lower()})
         recipients = reply.get("recipients", [])
         if arguments.json:
@@ -1083,6 +1112,8 @@ def _group_command(joining):
                 frame["role"] = arguments.role
             frame = _self_frame(frame, arguments)
             after = yield _checked(client, frame)
+            if after.get("nextCursor"):
+                after = yield request_all(client, {"type": "list_peers"})
             sessions = [p for p in _own_sessions(client, after)
                         if not arguments.session or p.get("sessionId") == arguments.session]
             if not arguments.session:
@@ -1250,7 +1281,7 @@ def cmd_unban(reactor, arguments, environ):
 def cmd_bans(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
-        reply = yield request(client, {"type": "list_bans"})
+        reply = yield request_all(client, {"type": "list_bans"})
         bans = reply.get("bans", [])
         if arguments.json:
             out_json(bans)
