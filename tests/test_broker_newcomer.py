@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 
 import psycopg2.extensions
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -299,9 +299,12 @@ class MCPSendTooLargeTests(TestCase):
         entry = yield broker.new_mesh()
         b = bridge.Bridge(global_reactor, [entry], "mcp-1", lambda content, meta: None)
         b.start()
-        self.addCleanup(lambda: defer.DeferredList([link.client.stop() for link in b.links]))
+        self.addCleanup(b.stop)
         yield b.links[0].client.when_ready()
         result = yield b.call("send_message", {"to": "*", "message": "x" * 5000})
+        # Let the requests the bridge makes on connecting be answered before
+        # the cleanup closes the connection.
+        yield task.deferLater(global_reactor, 0.5, lambda: None)
         self.assertTrue(result.error)
         self.assertIn("message too large: 5,000 bytes of text", result.text)
         self.assertIn("at most 4,096 bytes per frame", result.text)
