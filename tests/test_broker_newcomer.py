@@ -27,10 +27,10 @@ from twisted.internet import reactor as global_reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from claudemesh import __version__, crypto
-from claudemesh.broker.core import Refusal
 from claudemesh.client import connection
 from claudemesh.invite import encode_token, sign_invite
 from claudemesh.mcpserver import bridge
+from claudemesh.protocol import Refusal
 from tests import pg
 from tests.clientfixture import InProcessBroker, free_port
 from tests.meshfixture import BrokerFixture
