@@ -55,7 +55,7 @@ class CLIBrokerFixture(SynchronousTestCase):
             twistd_command() + ["-n", "--pidfile=", "claudemesh-broker",
                                 "--port", "tcp:%d:interface=127.0.0.1" % (cls.port,),
                                 "--data-dir", os.path.join(cls.tmp, "data")]
-            + list(self.broker_args),
+            + list(getattr(self, "broker_args", ())),
             cwd=cls.tmp, stdout=cls.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 20
         while True:
