@@ -132,7 +132,8 @@ CREATE TABLE audit_log (
     created_at BIGINT NOT NULL,
     PRIMARY KEY (mesh_id, seq)
 );
-CREATE INDEX audit_log_event ON audit_log (mesh_id, event_type, seq);
+CREATE INDEX audit_log_key_events ON audit_log (mesh_id, seq)
+    WHERE event_type IN ('member_banned', 'member_left', 'mesh_key_rotated');
 
 -- Which (mesh, member) a session key belongs to: bound by the first hello
 -- that proved the key, for good. Another member presenting the same key is

@@ -27,10 +27,13 @@ from claudemesh.store.sql.operations import InsertRows, Query
 
 EPOCH_COLUMNS = ("mesh_id", "epoch", "rotated_by", "sealed_by", "reason", "created_at")
 COPY_COLUMNS = tuple(f.name for f in attr.fields(SealedKeyCopy))
-# The audit events that take a member's key away from the mesh; the member
-# still holds the mesh key it had.
+# The audit events that take a member's key away from the mesh (the member
+# still holds the mesh key it had), and the rotation. Queries name them
+# literally, as the partial index audit_log_key_events does, so that both
+# databases use that index.
 DEPARTURE_EVENTS = ("member_banned", "member_left")
 ROTATED_EVENT = "mesh_key_rotated"
+KEY_EVENTS = "event_type IN ('member_banned', 'member_left', 'mesh_key_rotated')"
 
 
 def current_epoch_txn(mesh_id):
@@ -136,12 +139,12 @@ class MeshKeyStore:
     def _mesh_key_report_txn(self, mesh_id, limit):
         epoch = yield from current_epoch_txn(mesh_id)
         rows = yield Query(
-            "SELECT COALESCE(MAX(seq), 0) FROM audit_log WHERE mesh_id = %s"
-            " AND event_type = %s", (mesh_id, ROTATED_EVENT))
+            "SELECT COALESCE(MAX(seq), 0) FROM audit_log WHERE mesh_id = %%s AND %s"
+            " AND event_type = %%s" % (KEY_EVENTS,), (mesh_id, ROTATED_EVENT))
         since = int(rows[0][0])
         rows = yield Query(
-            "SELECT event_type, payload, created_at FROM audit_log WHERE mesh_id = %s"
-            " AND event_type IN (%s, %s) AND seq > %s ORDER BY seq",
+            "SELECT event_type, payload, created_at FROM audit_log WHERE mesh_id = %%s"
+            " AND %s AND event_type IN (%%s, %%s) AND seq > %%s ORDER BY seq" % (KEY_EVENTS,),
             (mesh_id,) + DEPARTURE_EVENTS + (since,))
         members = yield from select_members_txn("mesh_id = %s", (mesh_id,))
         standing = {m.pubkey for m in members if m.revoked_at is None}
