@@ -3,7 +3,7 @@ Identity keys, the canonical signed strings of the protocol, and message
 encryption.
 
 All signed strings are UTF-8, fields joined with C{|}, signed with an ed25519
-detached signature carried as lowercase hex (DESIGN section 4.1). Direct
+detached signature carried as lowercase hex (docs/protocol.md, signed strings). Direct
 messages use crypto_box between X25519 keys derived from the ed25519 keys;
 broadcasts use secretbox under the 32-byte mesh key.
 """
@@ -85,7 +85,7 @@ def invite_string(mesh_id, invite_id, role, expires_at, inviter_pubkey, broker_u
                   mesh_key_check=None) -> bytes:
     """
     What an inviter signs. Without a mesh key check value it is the string
-    of DESIGN section 4.1 (C{claudemesh-invite/1|…|brokerUrl}); with one, it
+    of docs/protocol.md, signed strings (C{claudemesh-invite/1|…|brokerUrl}); with one, it
     is C{claudemesh-invite/2|…|brokerUrl|meshKeyCheck}, so the check value
     cannot be stripped or swapped without breaking the signature.
     """

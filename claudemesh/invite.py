@@ -1,5 +1,5 @@
 """
-Invite tokens and links (DESIGN section 4.1), shared by the broker and the
+Invite tokens and links (docs/protocol.md, signed strings), shared by the broker and the
 client.
 
 An invite is the JSON object C{{v:1, meshId, meshName, inviteId, role,

@@ -307,10 +307,10 @@ class PagingTests(SynchronousTestCase):
 
     def test_every_page(self):
         """Five rows in pages of two: three requests, all five rows, no cursor left."""
-        from claudemesh.cli import commands
+        from claudemesh.cli import session
 
         client = _PagedClient([{"name": str(i)} for i in range(5)])
-        reply = self.successResultOf(commands.request_all(client, {"type": "list_members"}))
+        reply = self.successResultOf(session.request_all(client, {"type": "list_members"}))
         self.assertEqual([m["name"] for m in reply["members"]], ["0", "1", "2", "3", "4"])
         self.assertNotIn("nextCursor", reply)
         self.assertEqual([f.get("cursor") for f in client.frames], [None, "2", "4"])

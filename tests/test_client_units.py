@@ -254,7 +254,7 @@ class OpenPushTests(SynchronousTestCase):
 
 class DecisionTests(SynchronousTestCase):
     """
-    Backoff and what each close code means (DESIGN 4.4).
+    Backoff and what each close code means (docs/protocol.md, close codes).
     """
 
     def test_backoff_caps(self):

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_delivery -*-
 """
-Tests for delivery through the broker core (DESIGN section 4.2): which
+Tests for delivery through the broker core (docs/protocol.md, delivery): which
 session a delivery is leased to, what happens when it goes away, refusals
 and what they leave stored, audit rows, expiry and limits. The broker runs
 on an inline SQLite store and a fake clock.

@@ -50,7 +50,7 @@ FUZZ = settings.get_profile("claudemesh-fuzz")
 
 MAX_BYTES = 8192
 
-# What the broker may send (DESIGN section 4).
+# What the broker may send (docs/protocol.md).
 OUTBOUND_TYPES = {
     "hello_ack", "join_ack", "ack", "push", "error", "peers_list", "members_list",
     "message_status_result", "invite_created", "invites_list", "revoke_invite_ack",

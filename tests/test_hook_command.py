@@ -111,7 +111,7 @@ class RequestTests(SynchronousTestCase):
 
 class SignedPostTests(SynchronousTestCase):
     """
-    The requests reach the broker signed per DESIGN 4.1, one per mesh.
+    The requests reach the broker signed per docs/protocol.md, signed strings, one per mesh.
     """
 
     def setUp(self):

@@ -96,7 +96,7 @@ class OptionsDefaultsTests(SynchronousTestCase):
         self.assertEqual(dict(parse()), expected_defaults())
 
     def test_settingsMatchDesignDefaults(self):
-        """The default BrokerSettings carry DESIGN section 7's numbers."""
+        """The default BrokerSettings carry the defaults of docs/configuration.md."""
         settings = parse()["settings"]
         self.assertEqual(
             (

@@ -321,7 +321,7 @@ class RoutingTests(SiteMixin, SynchronousTestCase):
         self.assertNotIn("secret-token", repr(events))
 
     def test_webSocketOptions(self):
-        """The /ws factory carries the liveness and size options of DESIGN 4.3 (outbound + 1024)."""
+        """The /ws factory carries the liveness and size options (outbound limit + 1024)."""
         settings = BrokerSettings(max_message_bytes=4096)
         factory = BrokerServerFactory(Broker(inline_store(), self.clock, settings), self.clock,
                                       settings)

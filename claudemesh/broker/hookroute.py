@@ -3,7 +3,7 @@ C{POST /hook/set-status}: the Claude Code hook reports a session's status.
 
 The request is signed by the member key over
 C{claudemesh-hook/1|POST|/hook/set-status|meshId|timestamp|sha256(body)}
-(DESIGN section 4.1) and carried in the C{X-Claudemesh-*} headers; the broker
+(docs/protocol.md, signed strings) and carried in the C{X-Claudemesh-*} headers; the broker
 hook part of the broker core (L{claudemesh.broker.hook}) decides which of
 the caller's own sessions it is about.
 """

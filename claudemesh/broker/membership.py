@@ -1,6 +1,6 @@
 """
 Membership and moderation: meshes, invites, joins, roles, and the three
-tiers of removal (DESIGN section 5 and section 4.4).
+tiers of removal (docs/membership.md, docs/protocol.md close codes).
 
 Like the rest of the core this knows no sockets and no SQL: it works on the
 L{Broker}'s in-memory meshes and sessions and writes through its store. Each

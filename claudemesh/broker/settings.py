@@ -25,7 +25,7 @@ class BrokerSettings:
     header_timeout_seconds: int = 10
     hello_timeout_seconds: int = 10
     trusted_proxies: tuple = ()
-    # Not operator settings: fixed by the protocol (DESIGN section 4), kept
+    # Not operator settings: fixed by the protocol (docs/protocol.md), kept
     # here so tests can shorten them.
     grace_seconds: int = 90
     lease_seconds: int = 30

@@ -23,7 +23,7 @@ from claudemesh.broker import pages
 from claudemesh.broker.events import broadcast_system
 
 RANK = {"jsonl": 1, "manual": 2, "hook": 3}
-# What each status lets through (DESIGN section 4.2 gating).
+# What each status lets through (docs/protocol.md, delivery: gating).
 DELIVERABLE = {
     "idle": ("now", "next", "low"),
     "working": ("now",),

@@ -1,7 +1,7 @@
 """
 The HTTP side of the broker: one Resource tree on the one listening port.
 
-Routes (DESIGN section 7)::
+Routes (docs/configuration.md)::
 
     /ws             the WebSocket endpoint (Autobahn WebSocketResource)
     /health         GET liveness: always 200 while the process serves HTTP
@@ -392,7 +392,7 @@ class BrokerSite(Site):
     Access logs are off because request lines are where secrets leak: a
     WebSocket URL with a token in its query, an invite token in a path. The
     broker logs what it does itself, with structured fields chosen not to
-    carry secrets (DESIGN section 7).
+    carry secrets (docs/configuration.md).
     """
 
     displayTracebacks = False

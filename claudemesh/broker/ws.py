@@ -345,7 +345,8 @@ def configure_ws_factory(factory, settings):
     @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
     """
     factory.setProtocolOptions(
-        # Liveness (DESIGN 4.3): ping every 30 s, drop a peer silent for 75 s.
+        # Liveness (docs/protocol.md, connection limits): ping every 30 s,
+        # drop a peer silent for 75 s.
         autoPingInterval=settings.auto_ping_interval,
         autoPingTimeout=settings.auto_ping_timeout,
         # Autobahn drops TCP on a protocol violation by default, which the

@@ -25,8 +25,9 @@ from twisted.internet import defer
 
 from claudemesh import __version__
 from claudemesh.cli import install, launch
-from claudemesh.cli.commands import out, out_json, session_id
 from claudemesh.cli.exitcodes import EXIT_FAILURE, EXIT_OK
+from claudemesh.cli.output import out, out_json
+from claudemesh.cli.session import session_id
 from claudemesh.client import config as configuration
 from claudemesh.client import connection, meshkeys
 

@@ -14,7 +14,7 @@ not wait for it.
 
 When no MCP server answers (it is not running, or not yet), the hook posts
 C{{cwd, pid, status, session_id}} to C{POST /hook/set-status} of each joined
-mesh's broker itself, signed by that mesh's member key (DESIGN 4.1), all
+mesh's broker itself, signed by that mesh's member key (docs/protocol.md, signed strings), all
 meshes in parallel, each with a 1 s timeout: C{cwd} from the JSON (else
 C{$CLAUDE_PROJECT_DIR}, else the current directory), C{session_id} from it
 (else C{$CLAUDEMESH_SESSION_ID}). C{pid} is Claude Code's, the pid the MCP

@@ -12,7 +12,7 @@ status and signals are its own, since it is the same process.
 
 With C{--resume}/C{--continue} (or C{-r}/C{-c}) among claude's arguments no
 session id is minted: claude picks the session, and the MCP server falls
-back to its own session id (DESIGN 4.3).
+back to its own session id (docs/protocol.md, sessions and presence).
 
 The channels option takes several values: given as a separate word it
 would swallow the next argument (C{claudemesh launch -- "hello" -c -p} made
@@ -90,7 +90,7 @@ def prepare(arguments, environ):
     """
     C{(argv, env, banner lines)} for claude, or raise L{LaunchError}.
     """
-    from claudemesh.cli import commands
+    from claudemesh.cli.session import default_display_name
     from claudemesh.client import config as configuration
 
     directory = configuration.config_dir(environ)
@@ -111,7 +111,7 @@ def prepare(arguments, environ):
         meshes = list(config.meshes)
     name = getattr(arguments, "name", None) or (
         meshes[0].displayName if len(meshes) == 1 else None) or \
-        commands.default_display_name(environ)
+        default_display_name(environ)
     claude = find_claude(environ)
     if claude is None:
         raise LaunchError(NOT_FOUND, EXIT_NOT_FOUND)

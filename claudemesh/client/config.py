@@ -1,7 +1,7 @@
 """
 The client's configuration: the meshes this machine joined, with their keys.
 
-Layout (DESIGN section 4, issue 5)::
+Layout (docs/cli.md)::
 
     $CLAUDEMESH_CONFIG_DIR or ~/.claudemesh/      mode 0700
         config.json                               mode 0600, written atomically

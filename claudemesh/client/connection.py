@@ -1,12 +1,13 @@
 """
-The reconnecting WebSocket client of one mesh (DESIGN sections 4.2-4.4).
+The reconnecting WebSocket client of one mesh.
 
 L{MeshClient} says hello (signed by the member key, with a session key proof
 when it has a session key), keeps requests correlated by C{_reqId} and sends
 by C{id}, queues a bounded number of frames while it is disconnected,
 reconnects with full-jitter backoff (caps 1, 2, 4, 8, 16, 30 s), opens and
 de-duplicates pushes, C{client_ack}s each push once the application has it,
-and follows the close-code table of DESIGN section 4.4 (L{close_action}).
+and follows the close-code table of docs/protocol.md (L{close_action}, in
+L{claudemesh.client.closes}).
 
 Frame size: the broker says in C{hello_ack} how large a frame it takes
 (C{maxMessageBytes}); a bigger request fails at once with L{MessageTooLarge}
@@ -23,231 +24,44 @@ import json
 import os
 import random as _random
 import urllib.parse
-import uuid
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from claudemesh import crypto
+from claudemesh import crypto, protocol
 from claudemesh.client import meshkeys, messages
-from claudemesh.protocol import CLOSE_TOO_BIG
+from claudemesh.client.closes import (  # noqa: F401 (the client's policy, used as connection.X)
+    RECONNECT,
+    STOP,
+    TERMINAL,
+    TERMINAL_POLICY_REASONS,
+    backoff_delay,
+    close_action,
+    is_tls_failure,
+    terminal_message,
+    tls_error_text,
+    tls_hint,
+)
+from claudemesh.client.errors import (  # noqa: F401 (the client's failures, as connection.X)
+    ClientError,
+    MessageTooLarge,
+    QueueFull,
+    RequestError,
+    SessionReplaced,
+    Stopped,
+    TerminalClose,
+    Unreachable,
+    too_large,
+)
+from claudemesh.client.requests import Requests, encode_frame  # noqa: F401
+from claudemesh.protocol import CLOSE_TOO_BIG, KICKED_MESSAGE  # noqa: F401
 
-BACKOFF_CAPS = (1, 2, 4, 8, 16, 30)
 HELLO_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
 MAX_QUEUE = 256
 MAX_INBOUND_BYTES = 16 * 1024 * 1024
 SEEN_LIMIT = 10_000
-
-KICKED_MESSAGE = "Kicked from this mesh. Run claudemesh to rejoin."
-
-RECONNECT = "reconnect"
-STOP = "stop"
-TERMINAL = "terminal"
-
-# 1008 reasons that will not get better by retrying (DESIGN 4.4); the others
-# (capacity, timestamp_skew, flood) are temporary.
-TERMINAL_POLICY_REASONS = frozenset(
-    ["unauthorized", "bad_signature", "bad_session_pubkey", "malformed"])
-
-
-def backoff_delay(attempt, random=_random.random):
-    """
-    The wait before reconnect attempt C{attempt} (0 for the first after a
-    working connection): full jitter, uniform in [0, cap), caps 1, 2, 4, 8,
-    16 and then 30 s.
-    """
-    cap = BACKOFF_CAPS[min(max(attempt, 0), len(BACKOFF_CAPS) - 1)]
-    return random() * cap
-
-
-def close_action(code, reason):
-    """
-    What the client does after the broker closed with C{(code, reason)}:
-    L{RECONNECT}, L{STOP} (C{session_replaced}) or L{TERMINAL}.
-    """
-    if code == 1000 and reason == "session_replaced":
-        return STOP
-    if code in (4001, 4002):
-        return TERMINAL
-    if code == 1008 and reason in TERMINAL_POLICY_REASONS:
-        return TERMINAL
-    return RECONNECT
-
-
-def tls_hint(url, error):
-    """
-    The message for a failed TLS handshake with C{url} (C{wss://} or
-    C{https://}): most often a plain broker given a TLS URL.
-    """
-    parts = urllib.parse.urlsplit(url)
-    plain = urllib.parse.urlunsplit(("ws", parts.netloc, "/ws", "", ""))
-    return ("the TLS handshake with %s failed (%s): if that broker serves plain WebSocket "
-            "(no TLS), its URL is %s" % (parts.netloc, error, plain))
-
-
-def _is_tls_failure(failure):
-    try:
-        from OpenSSL import SSL
-    except ImportError:
-        return False
-    return failure.check(SSL.Error) is not None
-
-
-def _tls_error_text(failure):
-    """
-    OpenSSL's reason (C{wrong version number}) rather than its tuple repr.
-    """
-    args = getattr(failure.value, "args", ())
-    if args and isinstance(args[0], list) and args[0]:
-        last = args[0][-1]
-        if isinstance(last, tuple) and last:
-            return str(last[-1])
-    return failure.getErrorMessage()
-
-
-def revoked_message(mesh_name):
-    return 'You\'ve been removed from "%s". Contact the mesh owner to rejoin.' % (mesh_name,)
-
-
-def terminal_message(code, reason, mesh_name, revoked=None, error=None):
-    """
-    The text a user sees when the broker ended the session for good.
-
-    @param revoked: the message of an C{error revoked} received before the
-        close; it wins over anything the close says.
-    @param error: the last C{error} frame's message (a refused hello).
-    """
-    if code == 4001:
-        return KICKED_MESSAGE
-    if code == 4002 or revoked is not None:
-        return revoked or revoked_message(mesh_name)
-    detail = error or reason or "refused"
-    return "The broker refused this client (%s): %s" % (reason or code, detail)
-
-
-class ClientError(Exception):
-    """
-    Base of the client's failures; C{message} is for the user.
-    """
-
-    def __init__(self, message):
-        Exception.__init__(self, message)
-        self.message = message
-
-
-class TerminalClose(ClientError):
-    """
-    The broker ended the session and the client must not reconnect
-    (DESIGN 4.4: 4001, 4002, terminal 1008).
-    """
-
-    def __init__(self, code, reason, message):
-        ClientError.__init__(self, message)
-        self.code = code
-        self.reason = reason
-
-
-class SessionReplaced(ClientError):
-    """
-    Another process said hello for this session; this one stopped.
-    """
-
-    def __init__(self):
-        ClientError.__init__(self, "Another process took over this session.")
-
-
-class Unreachable(ClientError):
-    """
-    The broker could not be reached within the allowed attempts.
-    """
-
-
-class Stopped(ClientError):
-    """
-    The client was stopped before the request could be answered.
-    """
-
-
-class QueueFull(ClientError):
-    """
-    Too many frames wait for the connection.
-    """
-
-
-class MessageTooLarge(ClientError):
-    """
-    A frame is bigger than the broker accepts. Retrying cannot help.
-
-    @ivar frame_bytes: the encoded frame's size; @ivar limit: the broker's
-        largest frame, when known; @ivar text_bytes and @ivar max_text_bytes:
-        for a message, its plaintext size and about how much would fit.
-    """
-
-    def __init__(self, frame_bytes, limit, text_bytes=None, max_text_bytes=None):
-        self.frame_bytes = frame_bytes
-        self.limit = limit
-        self.text_bytes = text_bytes
-        self.max_text_bytes = max_text_bytes
-        if text_bytes is not None:
-            what = "%s bytes of text make a %s-byte frame" % (
-                _n(text_bytes), _n(frame_bytes))
-        else:
-            what = "the frame is %s bytes" % (_n(frame_bytes),)
-        if limit is not None:
-            bound = "the broker accepts at most %s bytes per frame" % (_n(limit),)
-            if max_text_bytes is not None:
-                bound += " (about %s bytes of text)" % (_n(max(max_text_bytes, 0)),)
-        else:
-            bound = "the broker closed the connection as too big (1009)"
-        ClientError.__init__(
-            self, "message too large: %s; %s. Shorten it or split it up." % (what, bound))
-
-
-def _n(number):
-    return "{:,}".format(number)
-
-
-def encode_frame(frame):
-    """
-    A frame as the client writes it: compact JSON, ASCII, so its length is
-    what the broker counts.
-    """
-    return json.dumps(frame, separators=(",", ":")).encode("utf-8")
-
-
-# What crypto_box and secretbox add to the plaintext (the MAC).
-_BOX_OVERHEAD = 16
-
-
-def too_large(frame, size, limit):
-    """
-    The L{MessageTooLarge} for C{frame} of C{size} bytes; for a C{send}, with
-    its plaintext size and the largest that fits under C{limit}.
-    """
-    if frame.get("type") != "send":
-        return MessageTooLarge(size, limit)
-    ciphertext = frame.get("ciphertext", "")
-    raw = len(ciphertext) * 3 // 4 - ciphertext[-2:].count("=")
-    text = raw - _BOX_OVERHEAD
-    fits = None
-    if limit is not None:
-        room = limit - (size - len(ciphertext))
-        fits = room // 4 * 3 - _BOX_OVERHEAD
-    return MessageTooLarge(size, limit, text, fits)
-
-
-class RequestError(ClientError):
-    """
-    The broker refused a request: its C{error {code, message}}.
-    """
-
-    def __init__(self, code, message, frame=None):
-        ClientError.__init__(self, message)
-        self.code = code
-        self.frame = frame or {}
-
 
 class _Protocol(WebSocketClientProtocol):
     lost_reason = None
@@ -304,7 +118,7 @@ def default_endpoint(reactor, url, timeout):
     return endpoint
 
 
-class MeshClient:
+class MeshClient(Requests):
     """
     One session on one mesh, reconnecting until stopped or ended by the
     broker.
@@ -475,164 +289,6 @@ class MeshClient:
             self._finish(None)
         return done
 
-    # -- requests ------------------------------------------------------------------------
-
-    def request(self, frame, timeout=None):
-        """
-        Send a request; the L{Deferred} fires with the reply frame (matched by
-        C{_reqId}) or fails with L{RequestError}.
-        """
-        frame = dict(frame)
-        req_id = "r%d" % (next(self._req_ids),)
-        frame["_reqId"] = req_id
-        return self._submit(req_id, frame, timeout)
-
-    def send(self, target_spec, nonce, ciphertext, priority="next", send_id=None,
-             timeout=None, key_epoch=None):
-        """
-        Send an encrypted message; fires with the C{ack} frame (check its
-        C{queued}). The C{id} stays the same across reconnects, so a retried
-        send is stored once. C{key_epoch}: the mesh key epoch a broadcast is
-        sealed under.
-        """
-        send_id = send_id or str(uuid.uuid4())
-        frame = {"type": "send", "targetSpec": target_spec, "priority": priority,
-                 "nonce": nonce, "ciphertext": ciphertext, "id": send_id}
-        if key_epoch is not None:
-            frame["keyEpoch"] = key_epoch
-        return self._submit("send:" + send_id, frame, timeout)
-
-    def send_text(self, target_spec, text, priority="next", send_id=None, timeout=None):
-        """
-        Encrypt C{text} for C{target_spec} and L{send} it. A broadcast is
-        sealed under the mesh's current key epoch, and sealed again once
-        should the key have been rotated meanwhile (issue 17).
-        """
-        plaintext = text.encode("utf-8")
-        if messages.is_broadcast(target_spec):
-            send_id = send_id or str(uuid.uuid4())
-
-            @defer.inlineCallbacks
-            def broadcast():
-                for attempt in (1, 2):
-                    try:
-                        epoch, key = yield self.mesh_keys.sealing_key()
-                    except meshkeys.NoKey as e:
-                        raise ClientError(str(e)) from None
-                    nonce, ciphertext = crypto.encrypt_broadcast(key, plaintext)
-                    ack = yield self.send(target_spec, nonce, ciphertext, priority, send_id,
-                                          timeout, key_epoch=epoch)
-                    if (attempt == 1 and not ack.get("queued")
-                            and (ack.get("error") or "").startswith("stale_key_epoch")
-                            and self.mesh_keys.stale(ack)):
-                        continue
-                    return ack
-
-            d = broadcast()
-        else:
-            nonce, ciphertext = messages.seal(target_spec, plaintext, self.sender_identity,
-                                              None)
-            d = self.send(target_spec, nonce, ciphertext, priority, send_id, timeout)
-        if self.history is not None:
-            def sent(ack):
-                if ack.get("queued"):
-                    self.history.note_sent(self, target_spec, text, priority, ack)
-                return ack
-
-            d.addCallback(sent)
-        return d
-
-    def fire(self, frame):
-        """
-        Send a frame that has no reply (C{set_status}, C{set_summary},
-        C{join_group}, ...); queued while disconnected.
-        """
-        if self._finished:
-            raise Stopped("the client is stopped")
-        if self.connected:
-            self._proto.send_frame(frame)
-            return
-        if len(self._queue) + len(self._pending) >= self.max_queue:
-            raise QueueFull("too many frames wait for the broker")
-        self._queue.append(frame)
-
-    def fire_checked(self, frame, timeout=None):
-        """
-        Send a frame that has no reply on success (C{set_status},
-        C{set_summary}, ...) and learn whether it was refused: it carries a
-        C{_reqId} (a refusal echoes it) and is followed by a C{list_peers};
-        the broker handles frames in order, so a refusal of the first arrives
-        before the answer to the second. Fires with the C{peers_list} that
-        followed (what the change did is visible in it) or fails with
-        L{RequestError}.
-        """
-        frame = dict(frame)
-        req_id = "r%d" % (next(self._req_ids),)
-        frame["_reqId"] = req_id
-        errors = []
-        self._submit(req_id, frame, None).addErrback(errors.append)
-        probe = self.request({"type": "list_peers"}, timeout)
-
-        def answered(peers):
-            self._resolve(req_id, None)
-            if errors:
-                errors[0].raiseException()
-            return peers
-
-        def probe_failed(f):
-            self._resolve(req_id, None)
-            return f
-
-        return probe.addCallbacks(answered, probe_failed)
-
-    def _submit(self, key, frame, timeout):
-        if self._finished:
-            return self._outcome_result() if self.outcome else defer.fail(
-                Stopped("the client is stopped"))
-        if not self.connected and len(self._queue) + len(self._pending) >= self.max_queue:
-            return defer.fail(QueueFull("too many frames wait for the broker"))
-        d = defer.Deferred()
-        call = None
-        if timeout is not None:
-            call = self._reactor.callLater(timeout, self._timed_out, key)
-        entry = [frame, d, call, False]
-        self._pending[key] = entry
-        if self.connected:
-            self._write(key, entry)
-        return d
-
-    def _write(self, key, entry):
-        """
-        Write a pending request, unless it is bigger than the broker takes:
-        then it fails with L{MessageTooLarge} and is dropped.
-        """
-        payload = encode_frame(entry[0])
-        limit = self.max_frame_bytes
-        if limit is not None and len(payload) > limit:
-            self._resolve(key, failure=too_large(entry[0], len(payload), limit))
-            return
-        entry[3] = len(payload)
-        self._proto.send_frame(entry[0])
-
-    def _timed_out(self, key):
-        entry = self._pending.pop(key, None)
-        if entry is not None:
-            entry[2] = None
-            entry[1].errback(RequestError(
-                "timeout", "the broker did not answer in time", entry[0]))
-
-    def _resolve(self, key, result=None, failure=None):
-        entry = self._pending.pop(key, None)
-        if entry is None:
-            return False
-        if entry[2] is not None and entry[2].active():
-            entry[2].cancel()
-        if failure is not None:
-            entry[1].errback(failure)
-        else:
-            entry[1].callback(result)
-        return True
-
     # -- connection ------------------------------------------------------------------------
 
     def _connect(self):
@@ -799,9 +455,9 @@ class MeshClient:
         if not self.mesh.brokerUrl.startswith("wss:"):
             return None
         reason = getattr(proto, "lost_reason", None)
-        if reason is None or not _is_tls_failure(reason):
+        if reason is None or not is_tls_failure(reason):
             return None
-        return tls_hint(self.mesh.brokerUrl, _tls_error_text(reason))
+        return tls_hint(self.mesh.brokerUrl, tls_error_text(reason))
 
     def _retry(self):
         self._attempt += 1
@@ -854,7 +510,7 @@ class MeshClient:
             elif kind == "error":
                 self._hello_error = frame
                 if frame.get("code") == "revoked":
-                    self.revoked = frame.get("message") or revoked_message(self.mesh.name)
+                    self.revoked = frame.get("message") or protocol.revoked_message(self.mesh.name)
             return
         if kind == "push":
             self._push(frame)

@@ -10,7 +10,7 @@ import json
 from twisted.internet import defer
 
 from claudemesh import crypto
-from claudemesh.client import connection, messages
+from claudemesh.client import closes, messages
 from claudemesh.client.config import MeshEntry
 from claudemesh.client.connection import ClientError, Unreachable
 
@@ -75,8 +75,8 @@ def _why(url, error):
     reasons = getattr(error, "reasons", None)
     if reasons:
         failure = reasons[0]
-        if connection._is_tls_failure(failure):
-            return connection.tls_hint(url, connection._tls_error_text(failure))
+        if closes.is_tls_failure(failure):
+            return closes.tls_hint(url, closes.tls_error_text(failure))
         if failure.check(defer.CancelledError):
             return "no answer within %g s" % (HTTP_TIMEOUT,)
         return failure.getErrorMessage() or failure.type.__name__

@@ -283,7 +283,7 @@ class EpochKeys:
 
     @defer.inlineCallbacks
     def _fetch(self, epoch):
-        from claudemesh.client.connection import ClientError, RequestError
+        from claudemesh.client.errors import ClientError, RequestError
 
         entry = self._entry
         try:
@@ -420,7 +420,7 @@ class EpochKeys:
         Seal the key of C{epoch} (the current one) for C{members} (C{{name,
         memberPubkey}}) when this client holds it; never fails.
         """
-        from claudemesh.client.connection import ClientError
+        from claudemesh.client.errors import ClientError
 
         key = self.ring.get(epoch)
         members = [m for m in members if isinstance(m, dict)
@@ -464,7 +464,7 @@ class EpochKeys:
         times). Fires with C{(epoch, members)} once committed; fails with
         the broker's L{RequestError} otherwise.
         """
-        from claudemesh.client.connection import RequestError
+        from claudemesh.client.errors import RequestError
 
         for attempt in range(ROTATE_ATTEMPTS):
             members = yield self.members()

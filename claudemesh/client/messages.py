@@ -1,7 +1,7 @@
 """
 Message encryption for targets, opening pushes, invite tokens and links,
-and target resolution: the client-side rules of DESIGN sections 4.1 and 4.2,
-without I/O.
+and target resolution: the client-side rules of docs/protocol.md (signed
+strings, invites, delivery), without I/O.
 """
 
 import binascii
@@ -15,7 +15,6 @@ from claudemesh import crypto, protocol
 from claudemesh import invite as invites
 
 LINK_PREFIX = invites.LINK_PREFIX
-MIN_PREFIX = 8
 _HEX = re.compile(r"\A[0-9a-f]+\Z")
 
 
@@ -103,7 +102,7 @@ EXPIRED_HINT = "ask the mesh owner (or an admin) for a new invite link"
 def make_invite(inviter, mesh_id, mesh_name, invite_id, role, expires_at, broker_url,
                 mesh_key=None):
     """
-    The signed invite object of DESIGN section 4.1; with C{mesh_key}, it
+    The signed invite object of docs/protocol.md, signed strings; with C{mesh_key}, it
     carries the key's check value (L{crypto.mesh_key_check}).
 
     @param inviter: the inviter's L{crypto.Identity} (owner or admin).
@@ -391,17 +390,18 @@ def resolve_target(spec, members=(), peers=()):
         member_key = p.get("memberPubkey") or p.get("pubkey")
         if (p.get("displayName") or "").lower() == lowered and member_key:
             matches[member_key] = (member_key, by_member.get(member_key, p["displayName"]))
-    if not matches and len(lowered) >= MIN_PREFIX and _HEX.match(lowered):
+    if not matches:
+        # The broker's rule for naming a key by a prefix (protocol.key_matches).
         for key, name in by_member.items():
-            if key.startswith(lowered):
+            if protocol.key_matches(key, lowered):
                 matches[key] = (key, name)
         for key, (member_key, name) in sessions.items():
-            if key.startswith(lowered) and member_key not in matches:
+            if protocol.key_matches(key, lowered) and member_key not in matches:
                 matches[member_key] = (key, name or by_member.get(member_key, ""))
     if not matches:
-        if _HEX.match(lowered) and len(lowered) < MIN_PREFIX:
+        if _HEX.match(lowered) and len(lowered) < protocol.MIN_KEY_PREFIX:
             raise TargetError("not_found", 'No member is called "%s", and a key prefix needs '
-                              '%d or more hex characters.' % (spec, MIN_PREFIX))
+                              '%d or more hex characters.' % (spec, protocol.MIN_KEY_PREFIX))
         raise TargetError("not_found", 'No member matches "%s".' % (spec,))
     if len(matches) > 1:
         candidates = [{"name": name, "pubkey": member_key}

@@ -12,7 +12,7 @@ stdio transport points fd 1 at stderr while it serves, so a stray print
 cannot corrupt the stream). When stdin closes, the connections to the
 brokers are closed cleanly and the process exits: no ghost peers.
 
-Session identity (DESIGN 4.3): the hello's C{sessionId} is
+Session identity (docs/protocol.md, sessions and presence): the hello's C{sessionId} is
 C{$CLAUDEMESH_SESSION_ID} (set by C{claudemesh launch}), else
 C{mcp-<pid>-<random>} with the newest transcript's id for this directory sent
 only as the C{claudeSessionId} hint; its C{pid} is the parent process (Claude

@@ -1,6 +1,6 @@
 """
 Working/idle inference from a Claude Code session's transcript (the
-C{jsonl} status source, DESIGN 4.3; upstream-broker 6.3).
+C{jsonl} status source, docs/claude-code.md).
 
 Claude Code writes each session to
 C{~/.claude/projects/<cwd key>/<session id>.jsonl}, one JSON object a line.

@@ -22,6 +22,7 @@ from claudemesh.protocol.codes import (  # noqa: F401
     CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
+    KICKED_MESSAGE,
     MAX_CURSOR_LENGTH,
     MAX_GROUP_LENGTH,
     MAX_GROUPS,

@@ -9,7 +9,7 @@ The client imports these too, so both ends agree on every code and string.
 import json
 import re
 
-# -- close codes (DESIGN section 4.4) --------------------------------------
+# -- close codes (docs/protocol.md, close codes) --------------------------------------
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -93,6 +93,10 @@ class Refusal(Exception):
         if self.send_id is not None:
             reply["id"] = self.send_id
         return reply
+
+
+# What a client tells its user after close 4001.
+KICKED_MESSAGE = "Kicked from this mesh. Run claudemesh to rejoin."
 
 
 def revoked_message(mesh_name):

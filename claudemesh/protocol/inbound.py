@@ -354,7 +354,7 @@ def decode(text, max_bytes=None):
     return cls(**values)
 
 
-# -- membership and moderation (DESIGN section 5) ---------------------------
+# -- membership and moderation (docs/membership.md) ---------------------------
 
 MAX_INVITE_TOKEN = 4096
 MAX_TARGET_LENGTH = 256
