@@ -3,14 +3,17 @@ Versioned schema files and the upgrade loop.
 
 The schema lives in this package's C{schema/} directory:
 
-  - C{v<N>.sql} is the full schema of version C{N}, used to create an empty
-    database directly at the current version;
+  - C{v1.sql} is the first schema;
   - C{upgrade-to-v<N>.sql} takes a database from version C{N - 1} to C{N}.
+
+An empty database is created by running them all in order (L{full_schema}),
+so there is one way to each version and every upgrade is exercised by every
+fresh database.
 
 The database records its version in the one-row C{schema_version} table.
 L{migrate} is written once for both backends: it is a generator of SQL
-operations (L{claudemesh.store.sql.operations}) that the SQLite and Postgres stores run
-inside a single transaction, so a failed upgrade leaves the database as it
+operations (L{claudemesh.store.sql.operations}) that the SQLite and
+Postgres stores run inside a single transaction, so a failed upgrade leaves the database as it
 was. Backend specifics (the Postgres schema, its advisory lock, its sequence)
 come from the store's dialect.
 """
@@ -36,9 +39,12 @@ def _read(name: str) -> str:
 
 def full_schema(version: int = CURRENT_VERSION) -> str:
     """
-    The text of the full schema of C{version}.
+    The text that creates the schema of C{version} in an empty database: the
+    first schema and every upgrade after it. There is one way to every
+    version, so a database created at version N and one upgraded to N are
+    the same (but for the order of columns that upgrades added).
     """
-    return _read("v%d.sql" % (version,))
+    return "\n".join([_read("v1.sql")] + [upgrade_script(v) for v in range(2, version + 1)])
 
 
 def upgrade_script(version: int) -> str:
