@@ -451,9 +451,16 @@ class ClaudeTerminal:
         return _ANSI.sub(b"", raw).decode("utf-8", "replace")
 
     def wait_for_text(self, text, timeout=60, since=0):
+        """
+        Wait until C{text} is on the screen, ignoring white space: Claude
+        Code's renderer moves the cursor over blanks (CSI n C) as often as it
+        writes them, and those moves are stripped with the other escapes, so
+        "1 online · ✉ 0" may arrive as "1online·✉0".
+        """
+        wanted = "".join(text.split())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.screen_text()[since:]:
+            if wanted in "".join(self.screen_text()[since:].split()):
                 return True
             if self.process.poll() is not None:
                 return False
