@@ -34,6 +34,23 @@ def wait_until(predicate, timeout=10.0, step=0.02):
     return poll()
 
 
+class FrozenClock:
+    """
+    The real reactor, but with its clock stopped: every hello signed through
+    it carries the same millisecond.
+    """
+
+    def __init__(self, real):
+        self._real = real
+        self._now = real.seconds()
+
+    def seconds(self):
+        return self._now
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 class Inbox:
     """
     What one client's application received.
@@ -89,7 +106,7 @@ class ClientAgainstBrokerTests(unittest.TestCase):
         os.makedirs(path)
         return path
 
-    def client(self, entry, session_id=None, **kwargs):
+    def client(self, entry, session_id=None, reactor=reactor, **kwargs):
         inbox = Inbox()
         kwargs.setdefault("on_message", inbox)
         c = MeshClient(reactor, entry, session_id or "test-" + uuid.uuid4().hex[:8],
@@ -288,6 +305,17 @@ class ClientAgainstBrokerTests(unittest.TestCase):
         failure = yield self.assertFailure(bob.start(), connection.TerminalClose)
         self.assertEqual(failure.code, 4002)
         self.assertIn("Contact the mesh owner to rejoin.", failure.message)
+
+    @defer.inlineCallbacks
+    def test_two_sessions_hello_in_the_same_millisecond(self):
+        """Two sessions of one member saying hello in the same ms both connect (no replayed)."""
+        frozen = FrozenClock(reactor)
+        first, _ = self.client(self.alice_entry, reactor=frozen)
+        second, _ = self.client(self.alice_entry, reactor=frozen)
+        yield self.start(first, second)
+        peers = yield self.owner.request({"type": "list_peers"})
+        sessions = [p["sessionId"] for p in peers["peers"] if p["displayName"] == "alice"]
+        self.assertEqual(sorted(sessions), sorted([first.session_id, second.session_id]))
 
     @defer.inlineCallbacks
     def test_disconnect_reconnects(self):

@@ -352,13 +352,14 @@ class StateMachineTests(SynchronousTestCase):
                                                  "_reqId": "hello"}).encode())
 
     def test_hello_is_signed(self):
-        """The hello carries a valid signature, the display name and receive:false."""
+        """The hello signs the tagged form with its session id; display name, receive:false."""
         self.client.start()
         proto = self.open()
         hello = proto.sent[0]
         self.assertEqual((hello["type"], hello["displayName"], hello["receive"]),
                          ("hello", "alice", False))
-        signed = crypto.hello_string("m1", "u1", self.entry.pubkey, hello["timestamp"])
+        signed = crypto.hello_string("m1", "u1", self.entry.pubkey, hello["timestamp"],
+                                     hello["sessionId"])
         self.assertTrue(crypto.verify(self.entry.pubkey, signed, hello["signature"]))
 
     def test_hello_timeout_reconnects(self):

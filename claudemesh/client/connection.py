@@ -331,8 +331,11 @@ class MeshClient(Requests):
             "memberId": mesh.memberId,
             "pubkey": self.identity.pubkey,
             "timestamp": now,
-            "signature": self.identity.sign(
-                crypto.hello_string(mesh.meshId, mesh.memberId, self.identity.pubkey, now)),
+            # The tagged form binds the session id: two sessions of one
+            # member that say hello in the same millisecond sign different
+            # strings, so the broker's replay memory tells them apart.
+            "signature": self.identity.sign(crypto.hello_string(
+                mesh.meshId, mesh.memberId, self.identity.pubkey, now, self.session_id)),
             "sessionId": self.session_id,
             "pid": self.pid,
             "cwd": self.cwd[:4096],
