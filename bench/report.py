@@ -6,9 +6,15 @@ COLUMNS = (
     ("scenario", 11), ("target", 7), ("deliv%", 7), ("rate/s", 9), ("unit", 8),
     ("ack p50/p95/p99/max ms", 27), ("push p50/p95/p99/max ms", 27),
     ("µs/msg", 7), ("s/1k", 6), ("peakMB", 7), ("gen cpu", 7), ("x relay", 7),
+    ("cpu x relay", 11),
 )
 
-UNITS = {"burst": "msg", "steady": "msg", "fanout": "push", "connections": "hello"}
+UNITS = {"burst": "msg", "steady": "msg", "fanout": "push", "connections": "hello",
+         "growth": "msg"}
+TARGETS = ("broker", "seeded", "relay")
+# The ratio lines: figure key -> label.
+RATIO_LABELS = (("rate", "rate"), ("cpu_per_msg", "CPU/msg"), ("p99", "p99"),
+                ("peak_rss", "peak RSS"), ("rss_per_conn", "RSS/conn"))
 
 
 def _pct(stats):
@@ -25,7 +31,11 @@ def _ms(value):
     return "%.2f" % value
 
 
-def row(name, target, result, ratio):
+def _times(value):
+    return "%.2f" % value if value is not None else "-"
+
+
+def row(name, target, result, ratio, cpu_ratio=None):
     if name == "connections":
         delivered = "%.1f" % (100.0 * result["connected"] / result["peers"])
         ack = _pct(result.get("connect_to_hello_ack_ms"))
@@ -47,7 +57,8 @@ def row(name, target, result, ratio):
         "%.3f" % per_1000 if per_1000 is not None else "-",
         "%.0f" % (result["broker_peak_rss_kb"] / 1024.0),
         "%.1f" % result["generator_cpu_s"],
-        "%.2f" % ratio if ratio is not None and target == "broker" else "",
+        _times(ratio) if target != "relay" else "",
+        _times(cpu_ratio) if target != "relay" else "",
     ]
 
 
@@ -58,17 +69,25 @@ def print_table(document):
         ", --quick" if document.get("quick") else "", document["machine"]["cpus"]))
     print("  ".join(title.ljust(width) for title, width in COLUMNS))
     for name, entry in document["scenarios"].items():
-        for target in ("broker", "relay"):
+        for target in TARGETS:
             result = entry.get(target)
             if result is None:
                 continue
-            cells = row(name, target, result, entry.get("ratio_to_relay"))
+            mine = entry.get("ratios", {}).get(target, {})
+            cells = row(name, target, result, mine.get("rate"), mine.get("cpu_per_msg"))
             print("  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)))
     notes = []
     for name, entry in document["scenarios"].items():
         b = entry.get("broker")
         if not b:
             continue
+        seeded = entry.get("seeded")
+        if seeded:
+            notes.append("%s: seeded %d delivered + %d queued messages in %.1f s; sent %d, "
+                         "lost %d, duplicates to app %d" % (
+                             name, seeded["seeded_delivered"], seeded["seeded_queued"],
+                             seeded["seed_s"], seeded["sent"], seeded["lost"],
+                             seeded["duplicates_to_app"]))
         if name != "connections":
             notes.append("%s: sent %d, lost %d, duplicate pushes %d, duplicates to app %d, "
                          "ack errors %s, broker CPU %.1f s, machine busy %.1f s of %.1f s "
@@ -81,6 +100,17 @@ def print_table(document):
             notes.append("connections: %d/%d connected, %d still open after idle, failures %s, "
                          "RSS %+.0f MB" % (b["connected"], b["peers"], b["still_open"],
                                            b["failures"] or "none", b["rss_growth_kb"] / 1024))
+    for name, entry in document["scenarios"].items():
+        for target, against in (("broker", "relay"), ("seeded", "relay"),
+                                ("seeded_vs_empty", "the empty database")):
+            values = entry.get("ratios", {}).get(target)
+            if not values:
+                continue
+            parts = ["%s %s" % (label, _times(values[key]))
+                     for key, label in RATIO_LABELS if values.get(key) is not None]
+            notes.append("%s: %s as x %s: %s" % (
+                name, "seeded" if target.startswith("seeded") else "broker", against,
+                ", ".join(parts)))
     for line in notes:
         print("  " + line)
     for key, error in document.get("failures", {}).items():

@@ -25,13 +25,19 @@ import urllib.error
 import urllib.request
 
 from bench import profile as profiling
+from bench import seed as seeding
 from bench.report import print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-SCENARIO_ORDER = ("burst", "steady", "fanout", "connections")
+SCENARIO_ORDER = ("burst", "steady", "fanout", "connections", "growth")
+# The scenarios --window applies to (steady's window is only a cap).
+WINDOWED = ("burst", "fanout", "growth")
+# What the generator runs for a scenario of the runner (growth is a burst on
+# an empty and on a seeded database).
+GENERATOR_SCENARIO = {"growth": "burst"}
 
 # Full and --quick sizes of every scenario.
 SIZES = {
@@ -50,6 +56,14 @@ SIZES = {
     "connections": {
         "full": {"meshes": 1000, "peers": 10, "concurrency": 200, "idle": 3.0, "timeout": 300},
         "quick": {"meshes": 20, "peers": 10, "concurrency": 50, "idle": 1.0, "timeout": 60},
+    },
+    # The burst's shape on two databases: empty, then holding `delivered`
+    # confirmed messages and `queued` ones for an offline member (bench.seed).
+    "growth": {
+        "full": {"peers": 100, "messages": 300, "window": 32, "delivered": 1000000,
+                 "queued": 100000, "timeout": 300},
+        "quick": {"peers": 10, "messages": 100, "window": 10, "delivered": 20000,
+                  "queued": 2000, "timeout": 60},
     },
 }
 
@@ -94,7 +108,7 @@ class Server:
         self.kind = kind
         self.workdir = workdir
         self.database_url = database_url
-        self.schema = None
+        self.schema = "bench_" + secrets.token_hex(6) if database_url else None
         self.port = free_port()
         self.log_path = os.path.join(workdir, "%s.log" % (kind,))
         self.proc = None
@@ -118,8 +132,7 @@ class Server:
             "--max-connections-per-ip", "0",
             "--hello-rate-per-ip", "0",
         ]
-        if self.database_url:
-            self.schema = "bench_" + secrets.token_hex(6)
+        if self.schema:
             command += ["--database-schema", self.schema]
         return command
 
@@ -157,18 +170,35 @@ class Server:
         except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+    def stop(self, drop=True):
+        """
+        Stop the server; drop its Postgres schema unless C{drop} is false
+        (the growth scenario restarts it on the same database).
+        """
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.schema:
+        if self.schema and drop:
             drop_schema(self.database_url, self.schema)
+
+    def seed(self, delivered, queued):
+        """
+        Create the broker's schema (start it once, stop it) and seed its
+        database (L{bench.seed}); returns the seconds seeding took.
+        """
+        self.start()
+        self.stop(drop=False)
+        self.proc = None
+        if self.schema:
+            return seeding.seed_postgres(self.database_url, self.schema, delivered, queued)
+        from claudemesh.store import sqlite_path
+
+        return seeding.seed_sqlite(sqlite_path(os.path.join(self.workdir, "data")),
+                                   delivered, queued)
 
 
 def _child_setup():
@@ -209,18 +239,28 @@ def run_generator(spec, timeout):
     return json.loads(lines[-1])
 
 
-def run_scenario(name, target, size, args, workroot):
+def run_scenario(name, target, size, args, workroot, seeded=False):
+    """
+    One scenario against one fresh server: C{target} is C{"broker"} or
+    C{"relay"}; C{seeded} seeds the broker's database first (growth).
+    """
     workdir = tempfile.mkdtemp(prefix="%s-%s-" % (name, target), dir=workroot)
     server = Server(target, workdir, args.database_url if target == "broker" else None)
     spec = dict(size)
-    spec.update({"scenario": name, "target": target, "host": "127.0.0.1"})
+    spec.update({"scenario": GENERATOR_SCENARIO.get(name, name), "target": target,
+                 "host": "127.0.0.1"})
+    seed_s = None
     profile_path = None
-    if args.profile and target == "broker" and name in args.profile:
-        profile_path = os.path.join(RESULTS, "profile-%s-%s.txt" % (name, args.store))
+    if args.profile and target != "relay" and name in args.profile:
+        profile_path = os.path.join(RESULTS, "profile-%s%s-%s.txt" % (
+            name, "-seeded" if seeded else "", args.store))
         spec["profile"] = profile_path
     started = time.monotonic()
-    server.start()
     try:
+        if seeded:
+            seed_s = server.seed(size["delivered"], size["queued"])
+            started = time.monotonic()
+        server.start()
         spec.update({"port": server.port, "pid": server.proc.pid,
                      "url": "ws://127.0.0.1:%d/ws" % (server.port,)})
         result = run_generator(spec, timeout=spec["timeout"] + 900)
@@ -228,6 +268,9 @@ def run_scenario(name, target, size, args, workroot):
         server.stop()
     result["wall_s"] = time.monotonic() - started
     result["target"] = target
+    if seeded:
+        result.update({"seed_s": seed_s, "seeded_delivered": size["delivered"],
+                       "seeded_queued": size["queued"]})
     if profile_path and os.path.exists(profile_path):
         result["profile"] = profiling.summarise(profile_path)
         result["profile_file"] = os.path.relpath(profile_path, ROOT)
@@ -236,6 +279,42 @@ def run_scenario(name, target, size, args, workroot):
     else:
         result["workdir"] = workdir
     return result
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def figures(name, result):
+    """
+    The figures of one result that are compared: rate, CPU per message,
+    send->push p99 (hello p99 for connections), peak RSS, RSS per connection.
+    """
+    latency = result.get("connect_to_hello_ack_ms" if name == "connections"
+                         else "send_to_push_ms") or {}
+    per = result.get("broker_cpu_s_per_1000")
+    if name == "fanout" and result.get("pushes"):
+        per = 1000.0 * result["broker_cpu_s"] / result["pushes"]
+    return {"rate": result.get("throughput_per_s"), "cpu_per_msg": per,
+            "p99": latency.get("p99"), "peak_rss": result.get("broker_peak_rss_kb"),
+            "rss_per_conn": result.get("rss_per_connection_kb")}
+
+
+def ratios(name, entry):
+    """
+    Every figure of the broker (and, for growth, of the seeded broker) as a
+    ratio of the relay's in the same run; for growth also seeded / empty.
+    """
+    out = {}
+    relay = entry.get("relay")
+    for target in ("broker", "seeded"):
+        if target in entry and relay:
+            b, r = figures(name, entry[target]), figures(name, relay)
+            out[target] = {k: _ratio(b[k], r[k]) for k in b}
+    if "broker" in entry and "seeded" in entry:
+        b, s = figures(name, entry["broker"]), figures(name, entry["seeded"])
+        out["seeded_vs_empty"] = {k: _ratio(s[k], b[k]) for k in b}
+    return out
 
 
 def per_1000(result):
@@ -248,11 +327,12 @@ def per_1000(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="claudemesh broker benchmark (issue 7). Scenarios: burst, steady, "
-                    "fanout, connections, relay (run each chosen scenario against the "
-                    "minimal Autobahn relay too). Default: all.")
+        description="claudemesh broker benchmark (issues 7, 16). Scenarios: burst, steady, "
+                    "fanout, connections, growth, relay (run each chosen scenario against "
+                    "the minimal Autobahn relay too, and report the broker as ratios of it)."
+                    " Default: all. Issue 16's shape: burst relay --window 32.")
     parser.add_argument("scenarios", nargs="*", metavar="scenario",
-                        help="burst | steady | fanout | connections | relay")
+                        help="burst | steady | fanout | connections | growth | relay")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: a smoke test in a minute or two")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or None,
@@ -260,7 +340,9 @@ def main(argv=None):
                              "fresh schema per scenario, dropped afterwards")
     parser.add_argument("--profile", action="append", default=[], metavar="SCENARIO",
                         help="py-spy record the broker during this scenario's measured phase")
-    parser.add_argument("--window", type=int, help="override the in-flight window per peer")
+    parser.add_argument("--window", type=int,
+                        help="the in-flight window per peer of burst, fanout and growth "
+                             "(default 10, 1, 32)")
     parser.add_argument("--output", help="results file (default bench/results/<sha>.json)")
     parser.add_argument("--keep", action="store_true", help="keep data dirs and logs")
     args = parser.parse_args(argv)
@@ -283,26 +365,27 @@ def main(argv=None):
     failures = {}
     for name in scenarios:
         size = dict(SIZES[name]["quick" if args.quick else "full"])
-        if args.window:
+        if args.window and name in WINDOWED:
             size["window"] = args.window
         entry = results[name] = {"size": size}
-        targets = ["broker"] + (["relay"] if with_relay else [])
+        # growth: the broker on an empty database, then on a seeded one.
+        targets = ["broker"] + (["seeded"] if name == "growth" else []) + (
+            ["relay"] if with_relay else [])
         for target in targets:
             print("[bench] %s against the %s%s ..." % (
-                name, target, " (%s)" % args.store if target == "broker" else ""),
+                name, target, " (%s)" % args.store if target != "relay" else ""),
                 file=sys.stderr, flush=True)
             try:
-                result = run_scenario(name, target, size, args, workroot)
+                result = run_scenario(name, "relay" if target == "relay" else "broker", size,
+                                      args, workroot, seeded=target == "seeded")
             except Exception as e:
                 failures["%s/%s" % (name, target)] = str(e)
                 print("[bench] %s/%s failed: %s" % (name, target, e), file=sys.stderr)
                 continue
             result["broker_cpu_s_per_1000"] = per_1000(result)
             entry[target] = result
-        if "broker" in entry and "relay" in entry:
-            b, r = entry["broker"], entry["relay"]
-            entry["ratio_to_relay"] = (b["throughput_per_s"] / r["throughput_per_s"]
-                                       if r.get("throughput_per_s") else None)
+        entry["ratios"] = ratios(name, entry)
+        entry["ratio_to_relay"] = entry["ratios"].get("broker", {}).get("rate")
     if not args.keep:
         shutil.rmtree(workroot, ignore_errors=True)
     document = {

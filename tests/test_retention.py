@@ -59,3 +59,44 @@ class RetentionTests(unittest.TestCase):
         self.run_sweep(metrics=metrics)
         self.assertEqual(
             metrics.registry.get_sample_value("claudemesh_deliveries_queued"), 1.0)
+
+    def test_sweeps_in_batches(self):
+        """
+        A sweep works in transactions of at most its batch size and gives the
+        reactor a turn between two: a send made while it runs is stored before
+        the sweep's last batch, not after the whole sweep.
+        """
+        for _ in range(5):
+            self.owner.send(self.bob.pubkey)
+        self.fx.clock.advance(3601 + DAY_MS / 1000)
+        store = self.fx.store
+        calls = []
+
+        def recording(name):
+            original = getattr(store, name)
+
+            def call(*args):
+                calls.append((name,) + args[1:])
+                return original(*args)
+
+            self.patch(store, name, call)
+
+        for name in ("expire_deliveries", "delete_messages_before", "delete_send_keys_before",
+                     "write_batch"):
+            recording(name)
+        results = []
+        RetentionSweep(store, self.fx.clock, 1, batch=2).run().addBoth(results.append)
+        # The first batch ran; the sweep now waits for the reactor's turn.
+        self.assertEqual(results, [])
+        ack = self.owner.send(self.bob.pubkey)
+        self.assertTrue(ack["queued"])
+        self.fx.flush()
+        self.assertEqual(results, [(5, 5)])
+        sweep = [i for i, call in enumerate(calls) if call[0] != "write_batch"]
+        [written] = [i for i, call in enumerate(calls) if call[0] == "write_batch"]
+        self.assertLess(sweep[0], written)
+        self.assertLess(written, sweep[-1])
+        self.assertEqual({call[-1] for call in calls if call[0] != "write_batch"}, {2})
+        self.assertEqual([call[0] for call in calls if call[0] != "write_batch"],
+                         ["expire_deliveries"] * 3 + ["delete_messages_before"] * 3
+                         + ["delete_send_keys_before"])

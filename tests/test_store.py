@@ -1096,10 +1096,41 @@ class StoreTestsMixin:
         self.assertEqual((yield self.store.message_deliveries(done.id)), [])
         self.assertIsNotNone((yield self.store.get_message(pending.id)))
         self.assertIsNotNone((yield self.store.get_message(recent.id)))
-        # The send key expired with the message: the client id is free again.
+        # The send key expired before the cutoff: the client id is free again.
+        self.assertEqual((yield self.store.delete_send_keys_before(NOW + 50)), 1)
         retry = self.makeMessage(mesh, owner, [], client_id="c1", created_at=NOW + 5)
         [result] = yield self.store.enqueue([retry])
         self.assertFalse(result.duplicate)
+
+    @defer.inlineCallbacks
+    def test_retention_in_batches(self):
+        """
+        With a limit, expiry, message deletion and send-key deletion each touch
+        at most that many rows per call, oldest first, until none is left.
+        """
+        mesh, owner, bob = yield self.meshWithRecipient()
+        messages = [
+            self.makeMessage(mesh, owner, [NewDelivery(bob.id)], client_id="c%d" % i,
+                             created_at=NOW + i, expires_at=NOW + 10 + i)
+            for i in range(5)
+        ]
+        yield self.store.enqueue(messages)
+        counts = []
+        for _ in range(4):
+            counts.append((yield self.store.expire_deliveries(NOW + 100, 2)))
+        self.assertEqual(counts, [2, 2, 1, 0])
+        self.assertEqual((yield self.store.count_queued()), 0)
+        self.assertEqual((yield self.store.delete_messages_before(NOW + 100, 3)), 3)
+        # The oldest went first.
+        self.assertIsNone((yield self.store.get_message(messages[2].id)))
+        self.assertIsNotNone((yield self.store.get_message(messages[3].id)))
+        self.assertEqual((yield self.store.delete_messages_before(NOW + 100, 3)), 2)
+        self.assertEqual((yield self.store.message_deliveries(messages[4].id)), [])
+        self.assertEqual((yield self.store.delete_messages_before(NOW + 100, 3)), 0)
+        counts = []
+        for _ in range(4):
+            counts.append((yield self.store.delete_send_keys_before(NOW + 100, 2)))
+        self.assertEqual(counts, [2, 2, 1, 0])
 
     @defer.inlineCallbacks
     def test_count_queued(self):

@@ -283,17 +283,25 @@ class IStore(Interface):
         The L{DeliveryRecord}s of a message.
         """
 
-    def expire_deliveries(now):
+    def expire_deliveries(now, limit=None):
         """
-        Mark every queued or leased delivery whose expiry passed as expired.
-        Fires with the count.
+        Mark queued or leased deliveries whose expiry passed as expired: all
+        of them, or at most C{limit} (the earliest expiries first) in this
+        transaction. Fires with the count.
         """
 
-    def delete_messages_before(cutoff):
+    def delete_messages_before(cutoff, limit=None):
         """
         Delete messages created before C{cutoff} that have no queued or
-        leased delivery left, with their deliveries and expired send keys.
-        Fires with the number of messages deleted.
+        leased delivery left, with their deliveries: all of them, or at
+        most C{limit} (the oldest first) in this transaction. Fires with the
+        number of messages deleted.
+        """
+
+    def delete_send_keys_before(cutoff, limit=None):
+        """
+        Delete send keys (idempotency keys) that expired at or before
+        C{cutoff}: all of them, or at most C{limit}. Fires with the count.
         """
 
     def count_queued():

@@ -283,32 +283,73 @@ class MessageStore:
         )
         return [DeliveryRecord(*row) for row in rows]
 
-    def expire_deliveries(self, now):
-        return self.run_interaction("expire_deliveries", self._expire_deliveries_txn, now)
+    def expire_deliveries(self, now, limit=None):
+        return self.run_interaction(
+            "expire_deliveries", self._expire_deliveries_txn, now, limit)
 
-    def _expire_deliveries_txn(self, now):
-        count = yield Execute(
-            "UPDATE deliveries SET state = 'expired', lease_until = NULL"
-            " WHERE state IN ('queued', 'leased') AND expires_at <= %s",
-            (now,),
-        )
+    def _expire_deliveries_txn(self, now, limit):
+        due = "state IN ('queued', 'leased') AND expires_at <= %s"
+        if limit is None:
+            count = yield Execute(
+                "UPDATE deliveries SET state = 'expired', lease_until = NULL WHERE " + due,
+                (now,))
+            return count
+        # At most `limit` rows: the (expires_at) index finds them.
+        rows = yield Query(
+            "SELECT message_id, recipient_key FROM deliveries WHERE %s"
+            " ORDER BY expires_at LIMIT %%s" % (due,), (now, limit))
+        count = 0
+        for chunk in chunks(rows):
+            message_ids = sorted({message_id for message_id, _ in chunk})
+            count += yield Execute(
+                "UPDATE deliveries SET state = 'expired', lease_until = NULL"
+                " WHERE message_id IN (%s) AND (message_id, recipient_key) IN (VALUES %s)"
+                " AND %s" % (placeholders(len(message_ids)), placeholders(len(chunk), 2), due),
+                tuple(message_ids) + flatten(chunk) + (now,))
         return count
 
-    def delete_messages_before(self, cutoff):
+    def delete_messages_before(self, cutoff, limit=None):
         return self.run_interaction(
-            "delete_messages_before", self._delete_messages_before_txn, cutoff)
+            "delete_messages_before", self._delete_messages_before_txn, cutoff, limit)
 
-    def _delete_messages_before_txn(self, cutoff):
+    def _delete_messages_before_txn(self, cutoff, limit):
         doomed = (
             "SELECT id FROM messages WHERE created_at < %s AND NOT EXISTS"
             " (SELECT 1 FROM deliveries p WHERE p.message_id = messages.id"
             " AND p.state IN ('queued', 'leased'))"
         )
-        # Deliveries first and explicitly rather than by ON DELETE CASCADE:
-        # the same statements then work whatever the foreign key settings.
-        yield Execute("DELETE FROM deliveries WHERE message_id IN (%s)" % (doomed,), (cutoff,))
-        count = yield Execute("DELETE FROM messages WHERE id IN (%s)" % (doomed,), (cutoff,))
-        yield Execute("DELETE FROM send_keys WHERE expires_at <= %s", (cutoff,))
+        if limit is None:
+            # Deliveries first and explicitly rather than by ON DELETE
+            # CASCADE: the same statements then work whatever the foreign
+            # key settings.
+            yield Execute("DELETE FROM deliveries WHERE message_id IN (%s)" % (doomed,),
+                          (cutoff,))
+            count = yield Execute("DELETE FROM messages WHERE id IN (%s)" % (doomed,),
+                                  (cutoff,))
+            return count
+        # The oldest `limit` of them (the messages_created index), by id.
+        rows = yield Query(doomed + " ORDER BY created_at LIMIT %s", (cutoff, limit))
+        count = 0
+        for chunk in chunks([row[0] for row in rows]):
+            marks = placeholders(len(chunk))
+            yield Execute("DELETE FROM deliveries WHERE message_id IN (%s)" % (marks,),
+                          tuple(chunk))
+            count += yield Execute("DELETE FROM messages WHERE id IN (%s)" % (marks,),
+                                   tuple(chunk))
+        return count
+
+    def delete_send_keys_before(self, cutoff, limit=None):
+        return self.run_interaction(
+            "delete_send_keys_before", self._delete_send_keys_before_txn, cutoff, limit)
+
+    def _delete_send_keys_before_txn(self, cutoff, limit):
+        if limit is None:
+            count = yield Execute("DELETE FROM send_keys WHERE expires_at <= %s", (cutoff,))
+            return count
+        count = yield Execute(
+            "DELETE FROM send_keys WHERE (sender_member_id, client_id) IN"
+            " (SELECT sender_member_id, client_id FROM send_keys WHERE expires_at <= %s"
+            " LIMIT %s)", (cutoff, limit))
         return count
 
     def count_queued(self):
