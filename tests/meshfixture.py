@@ -187,13 +187,20 @@ class BrokerFixture:
     answered at once) and a L{task.Clock}.
     """
 
-    def __init__(self, store=None, **settings):
-        self.clock = task.Clock()
-        self.clock.advance(START)
+    def __init__(self, store=None, clock=None, backplane=None, node_name="broker", **settings):
+        """
+        @param clock: shared by the nodes of an in-process cluster (issue
+            15), with their C{store} and a C{backplane} of one L{LocalHub}.
+        """
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(START)
+        self.clock = clock
         self.store = store if store is not None else inline_store()
         self.settings = BrokerSettings(**settings)
         self.metrics = BrokerMetrics()
-        self.broker = Broker(self.store, self.clock, self.settings, self.metrics)
+        self.broker = Broker(self.store, self.clock, self.settings, self.metrics,
+                             backplane=backplane, node_name=node_name)
         # Started so its clock-driven sweeps (status decay, leases) run.
         self.broker.startService()
         self._counter = 0

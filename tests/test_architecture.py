@@ -21,7 +21,7 @@ CORE_MODULES = (
     "claudemesh.broker.auditlog", "claudemesh.broker.core", "claudemesh.broker.delivery",
     "claudemesh.broker.events", "claudemesh.broker.hook", "claudemesh.broker.membership",
     "claudemesh.broker.outbox", "claudemesh.broker.presence", "claudemesh.broker.sessions",
-    "claudemesh.broker.status", "claudemesh.broker.groupcommit",
+    "claudemesh.broker.status", "claudemesh.broker.groupcommit", "claudemesh.broker.cluster",
 )
 CORE_FORBIDDEN = ("autobahn", "twisted.web", "twisted.enterprise", "txpostgres", "psycopg2",
                   "sqlite3", "socket")

@@ -69,6 +69,9 @@ def expected_defaults():
         "database-schema": "claudemesh",
         "admin-token-file": None,
         "admin-token": None,
+        "node-name": None,
+        "workers": 1,
+        "reuse-port": 0,
         "status-ttl-seconds": 60,
         "hook-fresh-window-seconds": 30,
         "max-connections-per-mesh": 100,
@@ -565,3 +568,53 @@ class MakeServiceTests(SynchronousTestCase):
         [startup] = [event for event in events if "nvx" in event]
         self.assertEqual(startup["store_kind"], "sqlite")
         self.assertIn(os.path.abspath(self.data_dir), formatEvent(startup))
+
+
+class ScaleOutOptionsTests(SynchronousTestCase):
+    """
+    The options of several broker processes (issue 15): C{--workers},
+    C{--node-name}, C{--reuse-port}, and SQLite's one process.
+    """
+
+    def test_workers_need_postgres(self):
+        """More than one worker on SQLite is a usage error naming PostgreSQL."""
+        for args, environ in ((["--workers", "2"], {}), ([], {"CLAUDEMESH_WORKERS": "3"})):
+            error = self.assertRaises(usage.UsageError, parse, args, environ)
+            self.assertIn("PostgreSQL", str(error))
+            self.assertIn("DATABASE_URL", str(error))
+
+    def test_workers_values(self):
+        """Workers: a count, or auto (one per core); nonsense is refused by name."""
+        environ = {"DATABASE_URL": "postgresql://u@h/d"}
+        self.assertEqual(parse(["--workers", "4"], environ)["workers"], 4)
+        self.assertEqual(parse(["--workers", "auto"], environ)["workers"],
+                         max(1, os.cpu_count() or 1))
+        self.assertEqual(parse([], {})["workers"], 1)
+        for bad in ("0", "-1", "x", "257", "1e3"):
+            error = self.assertRaises(usage.UsageError, parse, ["--workers", bad], environ)
+            self.assertIn("--workers", str(error))
+
+    def test_workers_need_tcp(self):
+        """Sharing a port with SO_REUSEPORT needs a tcp: endpoint."""
+        environ = {"DATABASE_URL": "postgresql://u@h/d"}
+        error = self.assertRaises(usage.UsageError, parse,
+                                  ["--workers", "2", "--port", "unix:/tmp/x.sock"], environ)
+        self.assertIn("tcp:", str(error))
+
+    def test_node_name(self):
+        """A node name: from the flag or CLAUDEMESH_NODE_NAME; control characters refused."""
+        self.assertEqual(parse(["--node-name", "eu-1"])["node-name"], "eu-1")
+        self.assertEqual(parse([], {"CLAUDEMESH_NODE_NAME": "eu-2"})["node-name"], "eu-2")
+        self.assertRaises(usage.UsageError, parse, ["--node-name", "a\x00b"])
+        self.assertRaises(usage.UsageError, parse, ["--node-name", "x" * 101])
+
+    def test_second_sqlite_process_refused(self):
+        """A second broker on one SQLite data directory stops at start, naming PostgreSQL."""
+        data_dir = self.mktemp()
+        reactor = MemoryReactorClock()
+        first = tap.makeService(parse(["--data-dir", data_dir]), reactor=reactor)
+        self.addCleanup(first.getServiceNamed("store").store.release_process)
+        error = self.assertRaises(SystemExit, tap.makeService, parse(["--data-dir", data_dir]),
+                                  reactor=reactor)
+        self.assertIn("PostgreSQL", str(error))
+        self.assertIn("another broker process", str(error))

@@ -26,6 +26,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from claudemesh.broker.auditlog import AuditLog
+from claudemesh.broker.cluster import Cluster, LocalBackplane
 from claudemesh.broker.delivery import Delivery
 from claudemesh.broker.groupcommit import GroupCommit
 from claudemesh.broker.hook import HookStatus
@@ -53,10 +54,15 @@ class Broker(service.Service):
 
     _log = Logger()
 
-    def __init__(self, store, clock, settings, metrics=None, replays=None):
+    def __init__(self, store, clock, settings, metrics=None, replays=None, backplane=None,
+                 node_name="broker", hostname=""):
         """
         @param replays: the L{IReplayMemory} of the signed credentials
             accepted; one in this process's memory when C{None}.
+        @param backplane: the L{IBackplane} this node shares the store with
+            other nodes through (issue 15); alone (a L{LocalBackplane})
+            when C{None}.
+        @param node_name: this node's name in the C{nodes} table.
         """
         self.store = store
         self.replays = replays if replays is not None else LocalReplayMemory(clock)
@@ -64,6 +70,9 @@ class Broker(service.Service):
         self.settings = settings
         self.metrics = metrics
         self.writes = GroupCommit(store, clock, metrics)
+        self.cluster = Cluster(store, self.writes, clock,
+                               backplane if backplane is not None else LocalBackplane(),
+                               node_name, hostname, metrics)
         self.meshes = MeshDirectory(store)
         self.mesh_keys = MeshKeys(store, self.writes, clock)
         self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics,
@@ -72,11 +81,24 @@ class Broker(service.Service):
         self.hooks = HookStatus(self.meshes, self.status, clock, settings, self.replays)
         self.presence = Presence(self.meshes, self.writes, store, self.delivery, self.hooks,
                                  clock, settings, self.replays, metrics,
-                                 hello_fields=self.mesh_keys.hello_fields)
+                                 hello_fields=self.mesh_keys.hello_fields,
+                                 node_id=self.cluster.node_id)
         self.membership = Membership(self.meshes, store, self.writes, self.presence, clock,
                                      settings, self.replays)
         self.audit = AuditLog(store, self.writes, settings)
         self._sweeper = None
+        self.cluster.on_rescan(self._rescan)
+
+    def _rescan(self, reopen):
+        """
+        Notices may have been missed (L{Cluster.rescan}): every outbox claims
+        again; with C{reopen}, this node had been taken for dead, so its
+        sessions are recorded as open again.
+        """
+        for session in self.meshes.sessions():
+            if reopen:
+                self.writes.open_session(session.record())
+            self.delivery.wake(session)
 
     def handlers(self):
         """
@@ -127,22 +149,18 @@ class Broker(service.Service):
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
-        return self.presence.shut_down()
+        d = self.presence.shut_down()
+        d.addCallback(lambda _: self.cluster.stop())
+        return d
 
     def store_opened(self):
         """
-        The store is open: sessions it still lists as open were left by a
-        previous process (their leases go back to the queue).
+        The store is open: this node joins the cluster, closing what
+        previous processes left open (L{Cluster.start}: everything when
+        alone; its own previous process's and dead nodes' otherwise).
         """
-        d = self.store.close_all_sessions(int(self.clock.seconds() * 1000))
-
-        def closed(count):
-            if count:
-                self._log.info("closed {count} sessions left open by a previous run",
-                               count=count)
-
-        d.addCallback(closed)
-        d.addErrback(lambda f: self._log.failure("closing stale sessions failed", f))
+        d = self.cluster.start()
+        d.addErrback(lambda f: self._log.failure("joining the cluster failed", f))
         return d
 
     def _schedule_sweep(self):

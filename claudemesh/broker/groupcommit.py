@@ -38,7 +38,7 @@ from claudemesh.store.interface import StoreUnavailable
 from claudemesh.store.records import WriteBatch
 
 # The kinds of queued writes, in the order a WriteBatch applies them.
-_ORDER = ("open", "message", "audit", "update", "ack", "release", "close", "claim")
+_ORDER = ("open", "message", "audit", "update", "ack", "release", "close", "claim", "notice")
 # The kinds whose caller waits for a result (and learns of a failure).
 _ANSWERED = ("message", "claim")
 
@@ -84,11 +84,15 @@ def _batch_of(writes, now):
         opens=tuple(parts["open"]), messages=tuple(parts["message"]), audit=tuple(audit),
         updates=tuple(parts["update"]), acks=tuple(parts["ack"]),
         releases=tuple(parts["release"]), closes=tuple(parts["close"]),
-        claims=tuple(parts["claim"]), now=now)
+        claims=tuple(parts["claim"]), now=now, notices=tuple(parts["notice"]))
 
 
 class GroupCommit:
     _log = Logger()
+
+    # Called with the notices of each batch once it committed (the cluster's
+    # backplane, issue 15).
+    on_committed = None
 
     def __init__(self, store, clock, metrics=None, max_batch=1000):
         self._store = store
@@ -155,6 +159,13 @@ class GroupCommit:
     def close_session(self, presence_id, when):
         self._queue(_Write("close", (presence_id, when)))
 
+    def notice(self, notice):
+        """
+        Queue a L{Notice} for the other nodes: it goes out with the batch
+        that stores what it is about, and only if that batch commits.
+        """
+        self._queue(_Write("notice", notice))
+
     def flushed(self):
         """
         A L{Deferred} that fires once everything queued so far was written
@@ -179,10 +190,11 @@ class GroupCommit:
         Everything queued (at most C{max_batch} messages), in L{_ORDER}.
         """
         messages = self._queued["message"]
-        # Audit events and claims queued after the first message left for
-        # the next batch wait with it: the chain keeps the order of events,
-        # no event commits before a message queued earlier, and a claim
-        # always sees the messages queued before it.
+        # Audit events, claims and notices queued after the first message
+        # left for the next batch wait with it: the chain keeps the order of
+        # events, no event commits before a message queued earlier, a claim
+        # always sees the messages queued before it, and a wake-up never
+        # reaches another node before what it is about.
         until = None
         if len(messages) > self._max_batch:
             until = messages[self._max_batch].order
@@ -191,7 +203,7 @@ class GroupCommit:
             queued = self._queued[kind]
             if kind == "message":
                 taken, left = queued[:self._max_batch], queued[self._max_batch:]
-            elif kind in ("audit", "claim") and until is not None:
+            elif kind in ("audit", "claim", "notice") and until is not None:
                 taken = [w for w in queued if w.order < until]
                 left = [w for w in queued if w.order >= until]
             else:
@@ -232,6 +244,8 @@ class GroupCommit:
             return result
 
         def committed(outcome):
+            if batch.notices and self.on_committed is not None:
+                self.on_committed(batch.notices)
             enqueued, claimed = iter(outcome.enqueued), iter(outcome.claimed)
             for write in writes:
                 if write.kind == "message":

@@ -156,6 +156,19 @@ _STRING_OPTIONS = (
         "[env CLAUDEMESH_DATABASE_SCHEMA; default: claudemesh]",
     ),
     (
+        "node-name", "CLAUDEMESH_NODE_NAME", None,
+        "This broker's name among the nodes sharing one Postgres database (at most 100 "
+        "printable characters); a restart under the same name releases its previous "
+        "process's sessions at once. With --workers, each worker adds /w<N>. "
+        "[env CLAUDEMESH_NODE_NAME; default: <hostname>:<port>]",
+    ),
+    (
+        "workers", "CLAUDEMESH_WORKERS", "1",
+        "Broker processes to run on this machine, sharing the listening port and the "
+        "Postgres database; 'auto' is one per CPU core. More than 1 needs DATABASE_URL. "
+        "[env CLAUDEMESH_WORKERS; default: 1]",
+    ),
+    (
         "admin-token-file", None, None,
         "File holding the admin token that authorises POST /meshes (surrounding whitespace "
         "is ignored). Beats CLAUDEMESH_ADMIN_TOKEN, which holds the token itself. "
@@ -189,6 +202,12 @@ class Options(usage.Options):
 
     optParameters = [[flag, None, None, text] for flag, _, _, text in _STRING_OPTIONS] + [
         [option.flag, None, None, option.help_text()] for option in _INTEGER_OPTIONS
+    ]
+
+    optFlags = [
+        ["reuse-port", None,
+         "Listen with SO_REUSEPORT, so that several broker processes on this machine share "
+         "the port (each --workers process does; TCP ports only)."],
     ]
 
     def __init__(self, environ=None):
@@ -267,6 +286,27 @@ class Options(usage.Options):
             )
         self["database-schema"] = schema
 
+        node_name, source = choose("node-name", *_STRING_FALLBACKS["node-name"])
+        if node_name is not None:
+            node_name = node_name.strip()
+            if not (0 < len(node_name) <= 100 and node_name.isprintable()):
+                raise usage.UsageError(
+                    f"--node-name: {node_name[:40]!r}{source} must be 1 to 100 printable "
+                    "characters")
+        self["node-name"] = node_name
+
+        workers, source = choose("workers", *_STRING_FALLBACKS["workers"])
+        self["workers"] = _checked_workers(workers.strip(), source)
+        if self["workers"] > 1 and database_url is None:
+            raise usage.UsageError(
+                f"--workers {self['workers']}{source}: several broker processes need "
+                "PostgreSQL (set DATABASE_URL=postgresql://user@host/dbname); the SQLite "
+                "store serves one process only")
+        if (self["workers"] > 1 or self["reuse-port"]) and not _is_tcp(self["port"]):
+            raise usage.UsageError(
+                "--workers and --reuse-port need a tcp: port (the processes share it with "
+                "SO_REUSEPORT)")
+
         self["admin-token"] = _admin_token(self["admin-token-file"], environ)
 
         for option in _INTEGER_OPTIONS:
@@ -290,6 +330,27 @@ class Options(usage.Options):
             trusted_proxies=self["trusted-proxy"],
             **{option.setting: self[option.flag] for option in _INTEGER_OPTIONS},
         )
+
+
+def _checked_workers(raw, source):
+    """
+    The number of worker processes C{--workers} asks for.
+    """
+    if raw.lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise usage.UsageError(
+            f"--workers: {raw[:20]!r}{source} must be a number of processes from 1 to 256, "
+            "or auto (one per CPU core)")
+    return value
+
+
+def _is_tcp(endpoint):
+    return endpoint.split(":", 1)[0].lower() in ("tcp", "tcp6")
 
 
 def _checked_integer(option, raw, source):

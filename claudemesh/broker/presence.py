@@ -44,12 +44,14 @@ class Presence:
     _log = Logger()
 
     def __init__(self, meshes, writes, store, delivery, hooks, clock, settings, replays,
-                 metrics=None, hello_fields=lambda mesh, member: defer.succeed({})):
+                 metrics=None, hello_fields=lambda mesh, member: defer.succeed({}),
+                 node_id=""):
         """
         @param replays: the L{IReplayMemory} each signed hello is used once
             through.
         """
         self._replays = replays
+        self._node_id = node_id
         self._hello_fields = hello_fields
         self._meshes = meshes
         self._writes = writes
@@ -218,7 +220,7 @@ class Presence:
             self._hooks.apply_pending(existing)
             return existing, True
 
-        session = Session(mesh, member, hello, new_id(), now, display_name)
+        session = Session(mesh, member, hello, new_id(), now, display_name, self._node_id)
         session.connection = connection
         mesh.add_session(session)
         if session.session_pubkey:

@@ -84,8 +84,10 @@ class Session:
     # sort key of peers_list (and of its page cursors).
     _made = itertools.count(1)
 
-    def __init__(self, mesh, member, hello, presence_id, now, display_name):
+    def __init__(self, mesh, member, hello, presence_id, now, display_name, node_id=""):
         self.order = next(self._made)
+        # The node holding the connection (issue 15).
+        self.node_id = node_id
         self.mesh = mesh
         self.member = member
         self.presence_id = presence_id
@@ -167,6 +169,9 @@ class Session:
             summary=self.summary,
             receive=self.receive,
             last_active_at=self.last_active_at,
+            node_id=self.node_id,
+            watch=bool(self.watch),
+            presence=bool(self.presence),
         )
 
 

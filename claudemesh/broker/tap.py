@@ -13,6 +13,7 @@ runs::
 """
 
 import signal
+import socket
 
 import autobahn
 import autobahn.websocket
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from claudemesh import __version__
+from claudemesh.broker.cluster import LocalBackplane
 from claudemesh.broker.core import Broker
 from claudemesh.broker.metrics import BrokerMetrics
 from claudemesh.broker.options import (  # noqa: F401 (twistd's ServiceMaker reads tap.Options)
@@ -38,7 +40,8 @@ from claudemesh.broker.web import (
     register_health_metrics,
 )
 from claudemesh.broker.ws import BrokerServerFactory
-from claudemesh.store import StoreService, describe_store, make_store
+from claudemesh.store import DatabaseInUse, StoreService, describe_store, make_store
+from claudemesh.store.listener import PostgresBackplane
 
 _log = Logger()
 
@@ -158,6 +161,17 @@ def makeService(config, reactor=None):
     store = make_store(
         config["database-url"], config["data-dir"], config["database-schema"], reactor
     )
+    if config["database-url"] is None:
+        # One process per SQLite file (issue 15): a second broker on the
+        # same data directory stops here, naming Postgres.
+        try:
+            store.claim_process()
+        except DatabaseInUse as e:
+            raise SystemExit("claudemesh-broker: %s" % (e,)) from None
+        backplane = LocalBackplane()
+    else:
+        backplane = PostgresBackplane(config["database-url"], config["database-schema"],
+                                      reactor)
     store_service = StoreService(store, reactor)
     store_service.setName("store")
     store_service.setServiceParent(top)
@@ -173,7 +187,10 @@ def makeService(config, reactor=None):
 
     metrics = BrokerMetrics(registry)
     store.on_transaction = metrics.observe_transaction
-    broker = Broker(store, reactor, settings, metrics=metrics)
+    hostname = socket.gethostname()
+    broker = Broker(store, reactor, settings, metrics=metrics, backplane=backplane,
+                    node_name=config["node-name"] or "%s:%s" % (hostname, config["port"]),
+                    hostname=hostname)
     broker.setName("broker")
     # After the store service, so it stops first: its stopService flushes
     # the pending store writes while the store is still open.

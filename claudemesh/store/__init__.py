@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from claudemesh.store.interface import (
+    DatabaseInUse,
     DuplicateKey,
     IStore,
     SchemaTooNew,
@@ -35,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "DuplicateKey",
+    "DatabaseInUse",
     "SchemaTooNew",
     "SQLiteStore",
     "PostgresStore",

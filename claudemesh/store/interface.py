@@ -30,6 +30,12 @@ class DuplicateKey(StoreError):
     """
 
 
+class DatabaseInUse(StoreError):
+    """
+    Another broker process uses this single-process (SQLite) database.
+    """
+
+
 class SchemaTooNew(StoreError):
     """
     The database was written by a newer claudemesh: refuse to start rather
@@ -211,6 +217,51 @@ class IStore(Interface):
     def list_open_sessions(mesh_id):
         """
         The L{SessionRecord}s of the mesh not yet disconnected, oldest first.
+        """
+
+    def get_session(presence_id):
+        """
+        The L{SessionRecord} of one session (open or closed), or C{None}.
+        """
+
+    # -- the nodes of a cluster (issue 15) ---------------------------------
+
+    def register_node(node):
+        """
+        Record a starting L{NodeRecord}.
+        """
+
+    def heartbeat_node(node_id, now):
+        """
+        Refresh a node's heartbeat. Fires with C{False} when the node had
+        been found dead meanwhile (it counts as running again from now).
+        """
+
+    def stop_node(node_id, now):
+        """
+        Mark a node stopped (it closed its own sessions).
+        """
+
+    def reap_nodes(own_id, own_name, cutoff, now):
+        """
+        Close the sessions, and give back the leases, of every node but
+        C{own_id} that is not running: a heartbeat older than C{cutoff}, an
+        older process named C{own_name}, stopped or unknown. One node at a
+        time does it; the others get C{[]}.
+
+        @return: a L{Deferred} firing with the L{ReapedSession}s closed.
+        """
+
+    def running_nodes(cutoff):
+        """
+        The L{NodeRecord}s with a heartbeat at C{cutoff} or later, not
+        stopped.
+        """
+
+    def notify(notices):
+        """
+        Send L{Notice}s to the other nodes in a transaction of their own (a
+        no-op for a store that serves one process).
         """
 
     # -- messages and deliveries -------------------------------------------

@@ -47,6 +47,7 @@ from txpostgres.retrying import RetryingCall
 from claudemesh.store import schema
 from claudemesh.store.interface import DuplicateKey, StoreUnavailable
 from claudemesh.store.sql import Dialect, SQLStore
+from claudemesh.store.sql import notices as notice_wire
 from claudemesh.store.sql.messages import CLAIMED_SELECT, claimable_where, claimed_from_row
 from claudemesh.store.sql.operations import Execute, InsertRows, Query, placeholders
 from claudemesh.store.sql.sessions import SESSION_UPDATABLE
@@ -442,6 +443,23 @@ class PostgresDialect(Dialect):
             "SELECT nextval('message_seq') FROM generate_series(1, %s)", (count,)
         )
         return sorted(int(row[0]) for row in rows)
+
+    def try_lock(self, name):
+        rows = yield Query(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+            (self.lock_key(name),),
+        )
+        return bool(rows[0][0])
+
+    def notify_txn(self, notices):
+        # NOTIFY inside the storing transaction: Postgres delivers it only
+        # if (and once) the transaction commits.
+        payloads = notice_wire.payloads(notices)
+        if payloads:
+            yield Query(
+                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                (notice_wire.channel_name(self.schema), payloads),
+            )
 
     def lock_chains(self, mesh_ids):
         yield Query(

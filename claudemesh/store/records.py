@@ -77,6 +77,61 @@ class SessionRecord:
     receive: bool = True
     last_active_at: int = 0
     disconnected_at: int | None = None
+    # Issue 15: the node holding the connection; a watching session (the
+    # local UI); a session shown as a peer (its hello's presence).
+    node_id: str = ""
+    watch: bool = False
+    presence: bool = True
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class NodeRecord:
+    """
+    One broker process of a cluster (issue 15): its id (new at every
+    start), its name (C{--node-name}, by default host and port), and its
+    heartbeat (ms); C{stopped_at} once it stopped or was found dead.
+    """
+
+    id: str
+    name: str
+    hostname: str
+    pid: int
+    started_at: int
+    heartbeat_at: int
+    stopped_at: int | None = None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Notice:
+    """
+    A wake-up for the other nodes of a cluster (issue 15), sent by the
+    transaction that stores the change it is about (Postgres: C{NOTIFY},
+    delivered only if that transaction commits). A hint, never the only
+    copy: the tables are the truth, and a node that may have missed notices
+    re-reads them.
+
+    @ivar origin: the node id of the sender.
+    @ivar kind: what happened (L{claudemesh.broker.cluster} lists them).
+    @ivar data: a small JSON-able dict (a notice must stay under 8000
+        bytes; wake-ups of many members are split).
+    """
+
+    origin: str
+    kind: str
+    mesh_id: str
+    data: dict = attr.Factory(dict)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ReapedSession:
+    """
+    A session of a dead node that a survivor closed (issue 15).
+    """
+
+    node_id: str
+    mesh_id: str
+    presence_id: str
+    member_id: str
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -284,7 +339,8 @@ class WriteBatch:
     Everything the broker writes in one group commit, applied in this order
     in one transaction: sessions opened, messages (with deliveries, send keys)
     and audit events, session updates, acknowledgements, lease releases,
-    sessions closed; then the claims, which see all of it.
+    sessions closed; then the claims, which see all of it; and the notices
+    to the other nodes of a cluster, which go out when it commits.
 
     @ivar updates: C{[(presence_id, {column: value})]} as for
         L{IStore.update_sessions}.
@@ -302,6 +358,7 @@ class WriteBatch:
     closes: tuple = ()
     claims: tuple = ()
     now: int = 0
+    notices: tuple = ()
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

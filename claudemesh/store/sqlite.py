@@ -20,14 +20,16 @@ need neither threads nor a reactor and still run the real claim, dedupe and
 audit SQL rather than a copy of its semantics.
 """
 
+import fcntl
 import itertools
+import os
 import sqlite3
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 
 from claudemesh.store import schema
-from claudemesh.store.interface import DuplicateKey, StoreUnavailable
+from claudemesh.store.interface import DatabaseInUse, DuplicateKey, StoreUnavailable
 from claudemesh.store.sql import Dialect, SQLStore
 from claudemesh.store.sql.messages import CLAIMED_SELECT, claimable_where, claimed_from_row
 from claudemesh.store.sql.operations import (
@@ -138,6 +140,7 @@ class SQLiteStore(SQLStore):
         self.path = path
         self._reactor = reactor
         self._connection = None
+        self._process_lock = None
         self.dialect = SQLiteDialect()
 
     @classmethod
@@ -171,7 +174,41 @@ class SQLiteStore(SQLStore):
 
     def close(self):
         self._close_connection()
+        self.release_process()
         return defer.succeed(None)
+
+    def claim_process(self):
+        """
+        Make this process the only broker on this database file (issue 15:
+        SQLite serves one process; several share a Postgres database). An
+        advisory lock on C{<path>.lock}, held until L{close}; the kernel
+        drops it when the process dies, however it dies.
+
+        @raise DatabaseInUse: another process holds it, naming its pid.
+        """
+        if self.path == ":memory:":
+            return
+        lock = open(self.path + ".lock", "a+")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip()[:20] or "unknown"
+            lock.close()
+            raise DatabaseInUse(
+                "another broker process (pid %s) uses the SQLite database %s; SQLite serves "
+                "one process: to run several brokers on the same data use PostgreSQL "
+                "(DATABASE_URL=postgresql://user@host/dbname)" % (holder, self.path)) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write("%d\n" % (os.getpid(),))
+        lock.flush()
+        self._process_lock = lock
+
+    def release_process(self):
+        lock, self._process_lock = self._process_lock, None
+        if lock is not None:
+            lock.close()
 
     def _close_connection(self):
         connection, self._connection = self._connection, None

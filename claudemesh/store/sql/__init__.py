@@ -14,7 +14,9 @@ store's. The transaction functions live with their domain:
     retention;
   - L{claudemesh.store.sql.audit}: the audit chain;
   - L{claudemesh.store.sql.meshkeys}: mesh key epochs and their sealed
-    copies (issue 17).
+    copies (issue 17);
+  - L{claudemesh.store.sql.nodes}: the nodes of a cluster, their
+    heartbeats, and closing what a dead node left (issue 15).
 
 What differs between SQLite and Postgres is small and lives in a I{dialect}
 object (L{Dialect}): how message sequence numbers are taken, how the audit
@@ -34,6 +36,7 @@ from claudemesh.store.sql.audit import AuditStore
 from claudemesh.store.sql.meshes import MeshStore
 from claudemesh.store.sql.meshkeys import MeshKeyStore
 from claudemesh.store.sql.messages import MessageStore, ack_deliveries_txn, enqueue_txn
+from claudemesh.store.sql.nodes import NodeStore
 from claudemesh.store.sql.operations import Execute
 from claudemesh.store.sql.sessions import (
     SessionStore,
@@ -56,6 +59,23 @@ class Dialect:
     """
 
     row_lock = ""
+
+    def try_lock(self, name):
+        """
+        Take the lock C{name} until the transaction ends, if nobody holds
+        it: C{True} when taken. One process alone (SQLite) always takes it.
+        """
+        return True
+        yield  # a generator of no operations
+
+    def notify_txn(self, notices):
+        """
+        Send C{notices} (L{claudemesh.store.records.Notice}s) to the other
+        nodes when this transaction commits. Nothing to do for one process
+        (SQLite): the broker's own backplane hands them on after the commit.
+        """
+        return
+        yield
 
     def update_session_rows(self, columns, rows):
         """
@@ -90,7 +110,7 @@ class Dialect:
 
 
 @implementer(IStore)
-class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore, MeshKeyStore):
+class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore, MeshKeyStore, NodeStore):
     """
     The L{IStore} methods for an engine that provides C{dialect} and
     C{_run_transaction(txn_function, args, write)} (a L{Deferred} of the
@@ -116,6 +136,13 @@ class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore, MeshKeyStore):
             return result
 
         return self._run_transaction(txn_function, args, write).addBoth(timed)
+
+    def notify(self, notices):
+        """
+        Send C{notices} on their own, in a transaction of their own (for a
+        change another transaction already committed).
+        """
+        return self.run_interaction("notify", self.dialect.notify_txn, list(notices))
 
     def write_batch(self, batch):
         return self.run_interaction("write_batch", self._write_batch_txn, batch)
@@ -144,4 +171,6 @@ class SQLStore(MeshStore, SessionStore, MessageStore, AuditStore, MeshKeyStore):
             if request.priorities and request.limit > 0:
                 rows = yield from dialect.claim_txn(request)
             claimed.append(rows)
+        if batch.notices:
+            yield from dialect.notify_txn(list(batch.notices))
         return BatchOutcome(results, claimed)

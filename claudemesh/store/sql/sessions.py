@@ -14,6 +14,8 @@ from claudemesh.store.records import SessionKeyBinding, SessionRecord
 from claudemesh.store.sql.operations import Execute, InsertRows, Query, chunks, placeholders
 
 SESSION_COLUMNS = tuple(f.name for f in attr.fields(SessionRecord))
+# The boolean columns, stored as 0/1.
+_FLAG_COLUMNS = ("receive", "watch", "presence")
 SESSION_KEY_COLUMNS = tuple(f.name for f in attr.fields(SessionKeyBinding))
 
 # What update_sessions may change, with the SQL type Postgres needs to cast
@@ -33,14 +35,16 @@ def session_row(session: SessionRecord) -> tuple:
     values = attr.astuple(session, recurse=False)
     row = list(values)
     row[SESSION_COLUMNS.index("groups")] = json.dumps(list(session.groups))
-    row[SESSION_COLUMNS.index("receive")] = 1 if session.receive else 0
+    for flag in _FLAG_COLUMNS:
+        row[SESSION_COLUMNS.index(flag)] = 1 if getattr(session, flag) else 0
     return tuple(row)
 
 
 def session_from_row(row) -> SessionRecord:
     values = dict(zip(SESSION_COLUMNS, row))
     values["groups"] = tuple(json.loads(values["groups"]))
-    values["receive"] = bool(values["receive"])
+    for flag in _FLAG_COLUMNS:
+        values[flag] = bool(values[flag])
     return SessionRecord(**values)
 
 
@@ -187,6 +191,17 @@ class SessionStore:
             (mesh_id,),
         )
         return [session_from_row(row) for row in rows]
+
+    def get_session(self, presence_id):
+        return self.run_interaction(
+            "get_session", self._get_session_txn, presence_id, write=False)
+
+    def _get_session_txn(self, presence_id):
+        rows = yield Query(
+            "SELECT %s FROM sessions WHERE presence_id = %%s" % (", ".join(SESSION_COLUMNS),),
+            (presence_id,),
+        )
+        return session_from_row(rows[0]) if rows else None
 
     def bind_session_key(self, binding):
         return self.run_interaction("bind_session_key", bind_session_key_txn, binding)
