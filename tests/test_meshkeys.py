@@ -440,3 +440,20 @@ class MembersWithoutCopyTests(MeshKeysTestCase):
         status = self.owner.connect(session_id="o4")["keyStatus"]
         self.assertEqual((status["departedSinceRotation"], status["withoutKey"]),
                          ([], [{"name": "carol", "memberPubkey": carol.pubkey}]))
+
+    def test_key_status_asked_again(self):
+        """mesh_key_status says what hello_ack does, now: departures for moderators only."""
+        self.assertEqual(self.owner.request({"type": "mesh_key_status"}), {
+            "type": "mesh_key_status_result", "keyEpoch": 0, "keyStatus": {
+                "departedSinceRotation": [], "departedTotal": 0, "withoutKey": []}})
+        self.owner.request({"type": "ban", "target": "bob"})
+        self.fx.flush()
+        status = self.owner.request({"type": "mesh_key_status"})["keyStatus"]
+        self.assertEqual([(d["name"], d["event"]) for d in status["departedSinceRotation"]],
+                         [("bob", "banned")])
+        self.assertEqual(self.alice.request({"type": "mesh_key_status"}),
+                         {"type": "mesh_key_status_result", "keyEpoch": 0})
+        self.rotate(members=[self.owner, self.alice])
+        self.assertEqual(self.owner.request({"type": "mesh_key_status"})["keyStatus"][
+            "departedSinceRotation"], [])
+        self.assertEqual(self.alice.request({"type": "mesh_key_status"})["keyEpoch"], 1)

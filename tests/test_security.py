@@ -391,6 +391,7 @@ SAMPLE_FRAMES = {
     "share_mesh_key": {"epoch": 1, "sealedKeys": [
         {"memberPubkey": KEY, "sealedKey": "QUJD" * 30}]},
     "get_mesh_key": {"epoch": 1},
+    "mesh_key_status": {},
 }
 
 

@@ -132,6 +132,7 @@ class Broker(service.Service):
             "rotate_mesh_key": self.mesh_keys.rotate,
             "share_mesh_key": self.mesh_keys.share,
             "get_mesh_key": self.mesh_keys.get,
+            "mesh_key_status": self.mesh_keys.status,
         }
 
     # -- service -------------------------------------------------------------

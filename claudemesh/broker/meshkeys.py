@@ -124,6 +124,14 @@ class MeshKeys:
                            for m in report.without_copy],
         }}
 
+    @defer.inlineCallbacks
+    def status(self, session, frame):
+        """
+        C{mesh_key_status}: what a C{hello_ack} says of the mesh key, now.
+        """
+        fields = yield self.hello_fields(session.mesh, session.member)
+        return protocol.MeshKeyStatusResult(**fields).to_wire()
+
     def refuse_send(self, session, frame, broadcast):
         """
         Why a C{send} must be refused for its key epoch, as C{(error,

@@ -540,3 +540,14 @@ class GetMeshKey:
 
     epoch = field(_integer(0))
     _reqId = field(_REQ_ID, None)
+
+
+@frame("mesh_key_status")
+class MeshKeyStatus:
+    """
+    The mesh's current key epoch, and for owners and admins who left since
+    it was rotated (what C{hello_ack} says, asked again by a long-lived
+    client).
+    """
+
+    _reqId = field(_REQ_ID, None)

@@ -243,6 +243,17 @@ class MeshKey:
     sealedBy = attr.ib()
 
 
+@outbound("mesh_key_status_result")
+class MeshKeyStatusResult:
+    """
+    C{keyEpoch} for everyone; C{keyStatus} (as in C{hello_ack}) for owners
+    and admins.
+    """
+
+    keyEpoch = attr.ib()
+    keyStatus = _optional()
+
+
 # -- audit ---------------------------------------------------------------------
 
 

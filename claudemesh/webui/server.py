@@ -223,7 +223,7 @@ class APIResource(GatedResource):
     _log = Logger()
 
     GETS = ("meshes", "state", "invites", "bans", "audit")
-    POSTS = ("send", "moderate", "invite", "revoke-invite")
+    POSTS = ("send", "moderate", "invite", "revoke-invite", "rotate-key")
 
     def render_allowed(self, request):
         name = request.postpath[0].decode("latin-1") if len(request.postpath) == 1 else ""
@@ -415,7 +415,14 @@ class UIServer:
             role = None
             if action == "set_role":
                 role = _choice(arguments, "role", ("member", "admin", "owner"))
-            return watch.moderate(action, _text(arguments, "target", limit=256), role)
+            # A ban rotates the mesh key unless told not to (issue 17).
+            rotate = arguments.get("rotate", True)
+            if not isinstance(rotate, bool):
+                raise BadRequest("'rotate' must be true or false")
+            return watch.moderate(action, _text(arguments, "target", limit=256), role,
+                                  rotate=rotate)
+        if name == "rotate-key":
+            return watch.rotate_key(_text(arguments, "reason", "manual", limit=200))
         if name == "invite":
             return watch.invite(_choice(arguments, "role", ("member", "admin"), "member"),
                                 _number(arguments, "uses", 1, 1, 10_000),

@@ -99,6 +99,9 @@ class MeshWatch:
         self.state = "connecting"
         self.problem = None
         self.role = entry.role
+        # Issue 17: who left or was banned since the mesh key last changed
+        # (keyStatus rows), as far as this owner's or admin's page knows.
+        self.departed = []
         self._session_owner = {}
         self._tail = history_reader.tail(entry.meshId) if history_reader is not None else None
         self._refresh_pending = None
@@ -175,7 +178,25 @@ class MeshWatch:
             "sessions": sorted(self.sessions.values(),
                                key=lambda s: (s.get("connectedAt") or "", s.get("pubkey", ""))),
             "serverTime": me.get("serverTime"),
+            "meshKey": self.key_state(),
         }
+
+    def key_state(self):
+        """
+        The mesh key as the page shows it (issue 17): the current epoch,
+        whether this member holds its key, and for owners and admins the
+        departures since the last rotation, as one sentence.
+        """
+        keys = self.client.mesh_keys
+        epoch = keys.current
+        notice = None
+        if self._moderator() and self.departed:
+            notice = meshkeys.departure_notice(self.departed)
+        return {"epoch": epoch, "held": None if epoch is None else keys.key_of(epoch) is not None,
+                "departedSinceRotation": list(self.departed), "notice": notice}
+
+    def _moderator(self):
+        return (self.client.hello_ack or {}).get("role", self.role) in meshkeys.MODERATORS
 
     def _publish_presence(self):
         self._publish({"type": "presence", "presence": self.presence()})
@@ -195,6 +216,7 @@ class MeshWatch:
             self._publish_presence()
             self.client.stop()
             return
+        self._keep_status(ack.get("keyStatus"))
         self._publish_presence()
         self.refresh()
 
@@ -232,6 +254,8 @@ class MeshWatch:
             for row in peers.get("peers", []):
                 self._put_session(row)
             self._publish_presence()
+            if self._moderator():
+                return self._key_status()
 
         def failed(f):
             self._log.info("refreshing the UI's presence failed: {error}",
@@ -268,6 +292,42 @@ class MeshWatch:
             self._refresh_soon()
         elif event in ("peer_joined", "peer_returned"):
             self._refresh_soon()
+        elif event in ("mesh_key_rotated", "mesh_key_shared"):
+            # Whoever rotated, the members who left before hold no key now.
+            self._refresh_soon()
+
+    # -- the mesh key (issue 17) ----------------------------------------------------------
+
+    def _key_status(self):
+        """
+        Ask an owner's or admin's broker who left since the key last changed
+        (C{mesh_key_status}); the live sessions are told of no departure.
+        """
+        def got(reply):
+            status = reply.get("keyStatus")
+            self._keep_status(status)
+            self._publish_presence()
+
+        def failed(f):
+            # A broker without the request: the hello's keyStatus stays.
+            f.trap(connection.ClientError)
+
+        return self._request({"type": "mesh_key_status"}).addCallbacks(got, failed)
+
+    def _keep_status(self, status):
+        departed = status.get("departedSinceRotation") if isinstance(status, dict) else None
+        self.departed = [d for d in departed or () if isinstance(d, dict)]
+
+    @defer.inlineCallbacks
+    def rotate_key(self, reason="manual"):
+        """
+        Rotate the mesh key (L{meshkeys.EpochKeys.rotate}): a fresh key
+        sealed for every current member, committed as the next epoch.
+        """
+        epoch, names = yield self.client.mesh_keys.rotate(reason)
+        self.departed = []
+        self._publish_presence()
+        return {"epoch": epoch, "members": sorted(names)}
 
     # -- conversations --------------------------------------------------------------------
 
@@ -394,17 +454,29 @@ class MeshWatch:
             "targetSpec": target, "priority": priority, "text": text}])
         return {"messageId": ack["messageId"], "targetSpec": target}
 
-    def moderate(self, action, target, role=None):
+    @defer.inlineCallbacks
+    def moderate(self, action, target, role=None, rotate=True):
         """
         C{disconnect}, C{kick}, C{ban}, C{unban} or C{set_role} on
-        C{target}; the broker decides who may.
+        C{target}; the broker decides who may. A ban rotates the mesh key
+        after it, as C{claudemesh ban} does, unless C{rotate} is false; a
+        rotation that fails after the ban is reported beside it.
         """
         frame = {"type": action, "target": target}
         if action == "set_role":
             frame["role"] = role
-        d = self._request(frame)
-        d.addCallback(lambda reply: (self._refresh_soon(), reply)[1])
-        return d
+        reply = yield self._request(frame)
+        self._refresh_soon()
+        if action != "ban":
+            return reply
+        reply = {"banned": reply.get("banned")}
+        if rotate:
+            try:
+                reply["rotated"] = yield self.rotate_key("ban of %s" % (reply["banned"],))
+            except connection.ClientError as e:
+                # The ban stands; the page shows why the key did not change.
+                reply["rotateError"] = {"error": e.code, "message": e.message}
+        return reply
 
     @defer.inlineCallbacks
     def invite(self, role="member", uses=1, expires_in=7 * 86400):
@@ -421,18 +493,24 @@ class MeshWatch:
                            "read broadcasts")
         reply = yield self._request({"type": "create_invite", "role": role, "maxUses": uses,
                                      "expiresIn": expires_in})
-        invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
-                                      reply["inviteId"], role, reply["expiresAt"],
-                                      entry.brokerUrl)
-        # The current key epoch's key (issue 17).
+        # The current key epoch's key (issue 17), once a fetch under way is done.
+        yield self.client.mesh_keys.settled()
         try:
             epoch, key = self.client.mesh_keys.invite_key()
         except meshkeys.NoKey as e:
             raise connection.RequestError("invalid", str(e)) from None
+        # Signed with the check value of the key the link carries (issue 13),
+        # with the broker URL the client uses (normalised), as the CLI's.
+        invite = messages.make_invite(entry.identity, entry.meshId, entry.name,
+                                      reply["inviteId"], role, reply["expiresAt"],
+                                      self.client.mesh.brokerUrl, key)
         link = messages.invite_link(invite, key, epoch)
-        qr = segno.make(link, error="l").svg_data_uri(scale=4, border=2)
-        return {"link": link, "qr": qr, "inviteId": reply["inviteId"],
-                "expiresAt": reply["expiresAt"], "role": role, "maxUses": uses}
+        # The QR code holds the compact form of the same invite.
+        compact = messages.compact_invite_link(invite, key, epoch)
+        qr = segno.make(compact or link, error="l").svg_data_uri(scale=4, border=2)
+        return {"link": link, "compactLink": compact, "qr": qr, "inviteId": reply["inviteId"],
+                "expiresAt": reply["expiresAt"], "role": role, "maxUses": uses,
+                "keyEpoch": epoch}
 
     def invites(self):
         return self._request({"type": "list_invites"}).addCallback(

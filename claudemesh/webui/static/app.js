@@ -191,6 +191,7 @@
     problem.hidden = !p.problem;
     problem.textContent = p.problem || "";
     $("admin-panel").hidden = !isModerator();
+    renderMeshKey(p.meshKey || {});
 
     const byMember = new Map();
     for (const s of p.sessions) {
@@ -227,6 +228,27 @@
         memberActions(m, mine),
         el("ul", {class: "sessions"}, ...sessions.map((s) => sessionRow(s, mine))));
       list.append(item);
+    }
+  }
+
+  // Issue 17: the current key epoch, and who left since the key last changed.
+  function renderMeshKey(key) {
+    $("key-epoch").textContent = key.epoch === null || key.epoch === undefined
+      ? "key epoch: not known yet"
+      : "key epoch " + key.epoch + (key.held === false ? " (this member does not hold its key)" : "");
+    const warning = $("key-notice");
+    warning.hidden = !key.notice;
+    warning.textContent = key.notice || "";
+  }
+
+  async function rotateKey() {
+    if (!(await confirmThen("Rotate the mesh key? Every current member is sealed the new key; "
+                            + "members who left or were banned never get it."))) return;
+    try {
+      const reply = await api("rotate-key", {reason: "manual"});
+      notice("mesh key rotated to epoch " + reply.epoch + ", sealed for " + reply.members.join(", "));
+    } catch (e) {
+      notice("rotate failed: " + e.message, true);
     }
   }
 
@@ -374,7 +396,8 @@
   const VERBS = {
     disconnect: "Disconnect %s? Their sessions reconnect by themselves within seconds.",
     kick: "Kick %s? Their session ends; they can rejoin by running claudemesh.",
-    ban: "Ban %s? They can no longer connect or rejoin until unbanned.",
+    ban: "Ban %s? They can no longer connect or rejoin until unbanned, and the mesh key is "
+      + "rotated so they cannot read what is broadcast from now on.",
     unban: "Unban %s?",
     set_role: "Make %s %r?",
   };
@@ -386,7 +409,10 @@
       const reply = await api("moderate", {action, target, role});
       const affected = reply.affected || reply.kicked;
       notice(action + ": " + (affected ? (affected.length ? affected.join(", ") : "nobody matched")
-        : (reply.banned || reply.unbanned || reply.target || "done")));
+        : (reply.banned || reply.unbanned || reply.target || "done"))
+        + (reply.rotated ? "; mesh key rotated to epoch " + reply.rotated.epoch : "")
+        + (reply.rotateError ? "; the mesh key was NOT rotated: " + reply.rotateError.message : ""),
+        Boolean(reply.rotateError));
       if (action === "ban" || action === "unban") loadBans();
     } catch (e) {
       notice(action + " failed: " + e.message, true);
@@ -510,6 +536,7 @@
     $("invite-form").addEventListener("submit", invite);
     $("invites-refresh").addEventListener("click", loadInvites);
     $("bans-refresh").addEventListener("click", loadBans);
+    $("rotate-key").addEventListener("click", rotateKey);
     $("audit-refresh").addEventListener("click", loadAudit);
     $("send-to").value = ui.conversation;
     try {
