@@ -170,7 +170,8 @@ class Broker(service.Service):
     def _sweep_step(self):
         # Each part guards itself: one failure must not stop the others or
         # the next sweep.
-        for part in (self.status.sweep, self.delivery.sweep_leases, self.hooks.sweep):
+        for part in (self.status.sweep, self.delivery.sweep_leases, self.hooks.sweep,
+                     self.mesh_keys.sweep):
             try:
                 part()
             except Exception:

@@ -49,6 +49,7 @@ class _Staged:
     The parts of one rotation received so far from one connection.
     """
 
+    session = attr.ib()
     connection = attr.ib()
     epoch = attr.ib()
     started_at = attr.ib()
@@ -178,6 +179,19 @@ class MeshKeys:
                 notMembers=strangers[:REPORT_LIMIT])
         return copies
 
+    def sweep(self):
+        """
+        Drop the parts of rotations whose connection went away (the session
+        reconnected, or ended) or that were started over L{STAGING_SECONDS}
+        ago: an unfinished rotation holds no memory past its connection.
+        Called by the broker's periodic sweep and before each part.
+        """
+        now = self._now()
+        for presence_id, staged in list(self._staged.items()):
+            if (staged.session.connection is not staged.connection
+                    or now - staged.started_at > STAGING_SECONDS * 1000):
+                del self._staged[presence_id]
+
     def _unstage(self, session):
         return self._staged.pop(session.presence_id, None)
 
@@ -190,10 +204,7 @@ class MeshKeys:
         self._require_moderator(session, "rotate the mesh key")
         mesh = session.mesh
         now = self._now()
-        for presence_id, left in list(self._staged.items()):
-            if now - left.started_at > STAGING_SECONDS * 1000:
-                # Unfinished long ago: its client died or gave up.
-                del self._staged[presence_id]
+        self.sweep()
         staged = self._staged.get(session.presence_id)
         if staged is not None and (staged.connection is not session.connection
                                    or staged.epoch != frame.epoch):
@@ -208,7 +219,7 @@ class MeshKeys:
                               currentEpoch=current)
             copies = self._members_of(session, frame.sealedKeys)
             if staged is None:
-                staged = _Staged(session.connection, frame.epoch, now)
+                staged = _Staged(session, session.connection, frame.epoch, now)
             again = [mid for mid in copies if mid in staged.copies]
             if again:
                 raise Refusal("malformed", "field 'sealedKeys' names member %s… again (an"
