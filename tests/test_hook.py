@@ -228,6 +228,13 @@ class RefusalTests(HookTestCase):
         """A body that is not JSON is 400 malformed."""
         self.assertRefused(self.post(b"{not json"), 400, "malformed")
 
+    def test_deeply_nested_json(self):
+        """
+        A body nested deeper than the JSON parser recurses is 400 malformed,
+        not a 503 with a traceback in the broker log.
+        """
+        self.assertRefused(self.post(b"[" * (MAX_BODY - 1)), 400, "malformed")
+
     def test_bad_status(self):
         """A status outside idle/working/dnd is 400 malformed."""
         self.assertRefused(self.post(self.body("sleeping", session_id="a1")), 400, "malformed")

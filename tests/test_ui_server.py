@@ -319,7 +319,8 @@ class APITests(UITestCase):
         self.assertEqual(self.post("/api/send", {"to": "*", "text": "x"},
                                    content_type="text/plain").code, 415)
         self.assertEqual(self.post("/api/send", b"x" * (server.MAX_BODY + 10)).code, 413)
-        for body in (b"{nope", b"[1]", b"\xff\xfe"):
+        # The last: nested deeper than the JSON parser recurses.
+        for body in (b"{nope", b"[1]", b"\xff\xfe", b"[" * 100000):
             self.assertEqual(self.post("/api/send", body).code, 400)
         for body in ({"to": "*"}, {"to": 5, "text": "x"}, {"to": "*", "text": "a\x00b"},
                      {"to": "*", "text": "x", "priority": "urgent"}, {"mesh": 7},

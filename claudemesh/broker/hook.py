@@ -28,7 +28,8 @@ def parse_hook_body(body):
     """
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nested deeper than the parser recurses ([[[…).
         raise protocol.Refusal("malformed", "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise protocol.Refusal("malformed", "body must be a JSON object")

@@ -242,7 +242,8 @@ class APIResource(GatedResource):
                                                     "message": "body too large"}, 413)
             try:
                 arguments = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                # RecursionError: nested deeper than the parser recurses.
                 arguments = None
             if not isinstance(arguments, dict):
                 return _answer_json(request, gate, {"error": "malformed",
