@@ -308,6 +308,37 @@ class RoutingTests(SiteMixin, SynchronousTestCase):
             self.assertEqual(response.header(b"allow"), "GET, HEAD")
             self.assertEqual(response.json(), {"error": "method_not_allowed"})
 
+    def test_wrongMethodOnPostRoutes(self):
+        """
+        The POST routes answer any other method, HEAD included, 405 JSON with
+        C{Allow: POST}: not a 500 with a traceback in the log (HEAD), nor
+        Twisted's HTML page (GET) or its 501 (PUT, DELETE, ...).
+        """
+        for path in (b"/meshes", b"/join", b"/hook/set-status"):
+            for method in (b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"):
+                with capturedLogs() as events:
+                    response = self.get(path, method=method)
+                self.assertEqual(response.code, 405, (path, method))
+                self.assertEqual(response.header(b"allow"), "POST", (path, method))
+                self.assertEqual(response.header(b"content-type"), "application/json")
+                if method != b"HEAD":
+                    self.assertEqual(response.json(), {"error": "method_not_allowed"})
+                self.assertEqual([e for e in events if e.get("log_failure")], [],
+                                 (path, method))
+
+    def test_headLogsNothing(self):
+        """
+        HEAD on a GET route answers without a body and without Twisted's
+        "returning a message body" line in the log for every such request.
+        """
+        for path in (b"/health", b"/metrics"):
+            with capturedLogs() as events:
+                response = self.get(path, method=b"HEAD")
+            self.assertEqual((response.code, response.body), (200, b""), path)
+            self.assertGreater(int(response.header(b"content-length")), 0, path)
+            self.assertEqual([e for e in events if "eat it" in e.get("log_format", "")], [],
+                             path)
+
     def test_webSocketWithoutUpgrade(self):
         """A plain GET /ws is answered 426 Upgrade Required, not served as a page."""
         response = self.get(b"/ws")

@@ -12,9 +12,10 @@ import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import server
 
 from claudemesh import protocol
+from claudemesh.broker.jsonresource import JSONResource
 
 HTTP_STATUS = {
     "unauthorized": 401,
@@ -58,12 +59,12 @@ class LateAnswer:
         request.finish()
 
 
-class HookStatusResource(resource.Resource):
+class HookStatusResource(JSONResource):
     isLeaf = True
     _log = Logger()
 
     def __init__(self, hooks, metrics, max_body_bytes):
-        resource.Resource.__init__(self)
+        JSONResource.__init__(self)
         self._hooks = hooks
         self._metrics = metrics
         self._max = max_body_bytes

@@ -14,10 +14,11 @@ import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import server
 
 from claudemesh import protocol
 from claudemesh.broker.hookroute import LateAnswer, json_response
+from claudemesh.broker.jsonresource import JSONResource
 from claudemesh.broker.membership import token_matches
 from claudemesh.protocol import has_lone_surrogate
 
@@ -41,7 +42,7 @@ HTTP_STATUS = {
 }
 
 
-class _JSONPost(resource.Resource):
+class _JSONPost(JSONResource):
     """
     A POST route with a JSON body of bounded size whose answer comes from a
     Deferred.
@@ -51,7 +52,7 @@ class _JSONPost(resource.Resource):
     _log = Logger()
 
     def __init__(self, max_body_bytes):
-        resource.Resource.__init__(self)
+        JSONResource.__init__(self)
         self._max = max_body_bytes
 
     def render_POST(self, request):

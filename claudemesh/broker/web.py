@@ -16,7 +16,6 @@ with a method it does not implement answers 405 with an C{Allow} header; all
 answers except C{/metrics} are JSON.
 """
 
-import json
 
 from prometheus_client import CollectorRegistry, Gauge, Info
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -24,16 +23,14 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from claudemesh import __version__
 from claudemesh.broker.admission import Admission, BrokerRequest
 from claudemesh.broker.hookroute import HookStatusResource
+from claudemesh.broker.jsonresource import JSONResource, NotFoundResource, json_body
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws import AdmittingWebSocketResource
-
-JSON_CONTENT_TYPE = b"application/json"
 
 # How long a readiness answer may reuse the last ping. Load balancers poll
 # /health/ready every few seconds; coalescing keeps a burst of (unauthenticated)
@@ -43,24 +40,6 @@ READINESS_MAX_AGE_SECONDS = 1.0
 # A ping that has not answered by then counts as a failure: a database behind
 # a dead network path does not refuse, it just never answers.
 PING_TIMEOUT_SECONDS = 4.0
-
-
-def json_body(request, code, document):
-    """
-    Set the response code and JSON headers of C{request} and return the
-    encoded body.
-
-    @param request: the L{twisted.web.server.Request} being answered.
-    @param code: the HTTP status code.
-    @param document: a JSON-serialisable object.
-    @return: the body, as L{bytes}.
-    """
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
-    # Health answers describe this instant; a cache in between must not
-    # replay an old "ready".
-    request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 class StoreHealth:
@@ -197,45 +176,6 @@ def register_health_metrics(registry, health):
     )
     store_up.set_function(lambda: 1.0 if health.up else 0.0)
     ProcessCollector(registry=registry)
-
-
-class JSONResource(Resource):
-    """
-    A resource whose unknown children answer 404 JSON and whose unsupported
-    methods answer 405 JSON, instead of Twisted's HTML pages.
-    """
-
-    def getChild(self, path, request):
-        return NotFoundResource()
-
-    def render(self, request):
-        method = request.method.decode("ascii", "replace")
-        render_method = getattr(self, "render_" + method, None)
-        if render_method is None and method == "HEAD":
-            # As twisted.web does: HEAD is GET without the body (the request
-            # drops the body it is given).
-            render_method = getattr(self, "render_GET", None)
-        if render_method is None:
-            allowed = {name[len("render_"):] for name in dir(self) if name.startswith("render_")}
-            if "GET" in allowed:
-                allowed.add("HEAD")
-            allowed = sorted(allowed)
-            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-            return json_body(request, 405, {"error": "method_not_allowed"})
-        return render_method(request)
-
-
-class NotFoundResource(JSONResource):
-    """
-    Any path the broker does not serve: 404 C{{"error": "not_found"}} for
-    every method.
-    """
-
-    def getChild(self, path, request):
-        return self
-
-    def render(self, request):
-        return json_body(request, 404, {"error": "not_found"})
 
 
 class BrokerRoot(JSONResource):
