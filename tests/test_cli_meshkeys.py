@@ -79,6 +79,8 @@ class KeyRotationCLITests(SynchronousTestCase):
         self.mesh_with("alice", "bob")
         code, out, err = self.cm("owner", "ban", "bob", "--no-rotate")
         self.assertEqual((code, "Rotated" in out), (0, False))
+        # Said by the ban itself, not only from the next command on.
+        self.assertIn("claudemesh: bob was banned since the mesh key was last rotated", err)
         code, out, err = self.cm("owner", "peers")
         self.assertEqual(code, 0)
         self.assertIn("claudemesh: bob was banned since the mesh key was last rotated: they can"
@@ -130,3 +132,18 @@ class KeyRotationCLITests(SynchronousTestCase):
                       " was rotated", err)
         self.ok("dave", "peers")
         self.assertEqual(self.keys_of("dave"), [0, 1])
+
+    def test_rejoin_keeps_the_old_key(self):
+        """A member re-joining with a link made after a rotation keeps its earlier key too."""
+        self.mesh_with("alice")
+        self.ok("owner", "rotate-key")
+        link = json.loads(self.ok("owner", "invite", "--json"))["link"]
+        document = json.loads(self.ok("alice", "join", link, "--json"))
+        self.assertTrue(document["alreadyMember"])
+        directory = os.path.join(self.dir, "alice")
+        [entry] = configuration.load(directory).meshes
+        self.assertEqual(entry.meshKeyEpoch, 1)
+        self.assertEqual(self.keys_of("alice"), [0, 1])
+        alice = self.listen("alice")
+        self.ok("owner", "send", "*", "after the rejoin")
+        self.assertIsNone(self.received(alice, "after the rejoin")["error"])

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudemesh.client import connection, messages
+from claudemesh.client import connection, meshkeys, messages
 from claudemesh.mcpserver import bridge
 from tests.test_client_units import make_entry
 
@@ -41,6 +41,8 @@ class FakeClient:
                       {"displayName": "me", "pubkey": self.pubkey, "memberPubkey": "d" * 64,
                        "sessionId": session_id, "status": "working", "groups": []}]
         self.done = defer.Deferred()
+        self.key_status = None
+        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(entry))
 
     def start(self):
         return defer.succeed(self.hello_ack)
@@ -58,6 +60,8 @@ class FakeClient:
             return defer.succeed({"members": self.members})
         if kind == "list_peers":
             return defer.succeed({"peers": self.peers})
+        if kind == "mesh_key_status" and self.key_status is not None:
+            return defer.succeed(self.key_status)
         if kind == "message_status":
             return defer.succeed({"recipients": [{"name": "alice", "pubkey": ALICE_MEMBER,
                                                   "status": "delivered"}]})
@@ -277,3 +281,20 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual((b.links[0].client.session_id, kw["session_identity"], kw["pid"],
                           kw["cwd"], kw["receive"], kw["hello_extra"]),
                          ("sess-1", "KEY", 4242, "/w", True, {"claudeSessionId": "c1"}))
+
+    def test_mesh_info_names_the_key_epoch(self):
+        """mesh_info says the key epoch; an owner's asks who left since the last rotation."""
+        b = self.make()
+        client = b.links[0].client
+        client.mesh_keys.current = 0
+        text = self.call(b, "mesh_info").text
+        self.assertIn("- mesh key: key epoch 0 (held)\n", text + "\n")
+        self.assertNotIn("mesh_key_status", [f["type"] for f in client.requests])
+        client.hello_ack["role"] = "owner"
+        client.key_status = {"type": "mesh_key_status_result", "keyEpoch": 2, "keyStatus": {
+            "departedSinceRotation": [{"name": "bob", "pubkey": BOB_MEMBER, "event": "left"}],
+            "departedTotal": 1, "withoutKey": []}}
+        text = self.call(b, "mesh_info").text
+        self.assertIn("- mesh key: key epoch 2 (not held: broadcasts unreadable); bob left"
+                      " since the mesh key was last rotated: they can still read broadcasts"
+                      " sealed with it. Run 'claudemesh rotate-key'.", text)

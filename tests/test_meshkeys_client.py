@@ -214,6 +214,32 @@ class RotationAgainstBrokerTests(unittest.TestCase):
                       " epoch 5, which this member never received]", notified[-1])
 
     @defer.inlineCallbacks
+    def test_rejoiner_gets_the_current_epoch(self):
+        """A member who left, rejoining after the rotation, is at the current epoch and reads."""
+        from claudemesh.client import membership
+
+        alice, _ = yield self.online(self.alice_entry)
+        yield alice.request({"type": "leave"})
+        yield alice.when_done().addErrback(lambda f: None)
+        yield self.owner.mesh_keys.refresh_status()
+        self.assertEqual([d["name"] for d in
+                          self.owner.mesh_keys.status["departedSinceRotation"]], ["alice"])
+        yield self.owner.mesh_keys.rotate("alice left")
+        yield self.owner.mesh_keys.refresh_status()
+        self.assertEqual(self.owner.mesh_keys.status["departedSinceRotation"], [])
+        link = yield self.broker.invite(self.owner)
+        parsed = messages.parse_invite_link(link)
+        entry = yield membership.join_mesh(reactor, parsed, "alice",
+                                           self.alice_entry.identity)
+        entry = self.saved("alice", entry)
+        self.assertEqual(entry.meshKeyEpoch, 1)
+        again, inbox = yield self.online(entry)
+        self.assertEqual(again.hello_ack["keyEpoch"], 1)
+        yield self.owner.send_text("*", "welcome back alice")
+        received = yield inbox.next()
+        self.assertEqual((received.text, received.error), ("welcome back alice", None))
+
+    @defer.inlineCallbacks
     def test_member_cannot_rotate(self):
         """A plain member's rotation is refused forbidden and nothing changes."""
         alice, _ = yield self.online(self.alice_entry)

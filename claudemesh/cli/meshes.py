@@ -330,6 +330,8 @@ def cmd_join(reactor, arguments, environ):
     except ValueError:
         pass
     if existing:
+        # Issue 17: the key of the entry replaced stays in the key ring.
+        meshkeys.keep_replaced_key(existing[0], entry)
         entry.slug = existing[0].slug
         entry.groups = existing[0].groups
         entry.extra = existing[0].extra

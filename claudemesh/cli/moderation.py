@@ -122,6 +122,9 @@ def cmd_ban(reactor, arguments, environ):
             # Issue 17: what is broadcast from now on, they cannot read.
             document["rotated"] = yield _rotate(client, arguments,
                                                 "ban of %s" % (reply["banned"],))
+        else:
+            # The notice after this command names this ban too.
+            yield client.mesh_keys.refresh_status()
         if arguments.json:
             out_json(document)
 

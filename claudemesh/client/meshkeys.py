@@ -137,6 +137,20 @@ class KeyRing:
                 self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
+def keep_replaced_key(old, new):
+    """
+    A config entry about to be replaced by C{new}, of the same mesh (a
+    re-join): keep C{old}'s key in the key ring when C{new} carries another,
+    so what was sealed under its epoch stays readable.
+    """
+    if old.mesh_key is None or not old.directory:
+        return
+    if (old.meshKeyEpoch, old.mesh_key) == (new.meshKeyEpoch, new.mesh_key):
+        return
+    KeyRing(old.meshId, path=keyring_path(old.directory, old.meshId)).put(
+        old.meshKeyEpoch, old.mesh_key)
+
+
 class NoKey(Exception):
     """
     This member holds no key for the epoch it must seal under.
@@ -493,6 +507,43 @@ class EpochKeys:
             self._keep(epoch, key)
             return epoch, [m.get("name") or m["memberPubkey"][:8] for m in members]
         raise AssertionError("unreachable")
+
+    @defer.inlineCallbacks
+    def refresh_status(self):
+        """
+        Ask the broker again who left since the last rotation
+        (C{mesh_key_status}), as an owner or admin; a broker without the
+        request leaves the hello's answer. Never fails.
+        """
+        from claudemesh.client.errors import ClientError
+
+        if not self._moderator():
+            return
+        try:
+            reply = yield self._request({"type": "mesh_key_status"})
+        except ClientError:
+            return
+        status = reply.get("keyStatus")
+        if isinstance(status, dict):
+            self.status = status
+        epoch = _epoch(reply.get("keyEpoch"))
+        if epoch is not None and (self.current is None or epoch > self.current):
+            self.current = epoch
+
+    def describe(self):
+        """
+        One line on the mesh key for an owner's or admin's view of its mesh
+        (C{mesh_info}): the current epoch, whether its key is held, and who
+        left since it was rotated.
+        """
+        epoch = self.current if self.current is not None else 0
+        line = "key epoch %d (%s)" % (epoch, "held" if self.ring.get(epoch) is not None
+                                      else "not held: broadcasts unreadable")
+        status = self.status or {}
+        departed = status.get("departedSinceRotation")
+        if self._moderator() and isinstance(departed, list) and departed:
+            line += "; " + departure_notice(departed, status.get("departedTotal"))
+        return line
 
     def notices(self):
         """

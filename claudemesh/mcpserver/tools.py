@@ -209,10 +209,14 @@ class Tools:
             return ok("\n".join(lines))
         return failed(last or "No message %s." % (id,))
 
+    @defer.inlineCallbacks
     def mesh_info(self):
         sections = []
         for link in self.links:
             client, ack = link.client, link.client.hello_ack or {}
+            if client.connected and not link.terminal:
+                # Issue 17: who left since the last rotation, as of now.
+                yield client.mesh_keys.refresh_status()
             state = ("ended: " + link.terminal if link.terminal else
                      "connected" if client.connected else "reconnecting")
             sections.append("\n".join([
@@ -225,6 +229,8 @@ class Tools:
                 "- member key: %s" % (link.entry.pubkey,),
                 "- session: %s (key %s)" % (self.session_id, client.pubkey),
                 "- broker: %s" % (link.entry.brokerUrl,),
+                # Issue 17: for owners and admins, who left since the last rotation.
+                "- mesh key: %s" % (client.mesh_keys.describe(),),
             ]))
         sections.append("message mode: %s · delivery: %s · cwd: %s · pid: %s" % (
             self.mode, " → ".join(self.delivery.paths()), self.cwd, self.pid))
