@@ -348,6 +348,9 @@ class NewcomerCLITests(CLIBrokerFixture):
             time.sleep(0.2)
         self.assertEqual([(r["name"], r["status"]) for r in status["recipients"]],
                          [("alice", "delivered")])
+        # The target by name, not as its 64-hex key.
+        self.assertEqual(self.ok("owner", "status", message_id).splitlines()[0],
+                         "message %s to alice: 1 recipient" % (message_id,))
         out = self.ok("alice", "leave-group", "devs")
         self.assertIn("@devs: left by 1 session of yours.", out)
         self.assertEqual(config.load(os.path.join(self.dir, "alice")).meshes[0].groups, [])

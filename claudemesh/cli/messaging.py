@@ -380,6 +380,22 @@ def cmd_status(reactor, arguments, environ):
     return with_mesh(reactor, arguments, environ, action)
 
 
+def _target_text(target, recipients):
+    """
+    How a sent message's target reads: a member or session key as the name
+    of the recipient it is (or shortened, as keys are everywhere else);
+    C{*} and C{@group} as they are.
+    """
+    if not isinstance(target, str):
+        return "?"
+    for r in recipients:
+        if target == r.get("pubkey") and r.get("name"):
+            return r["name"]
+    if len(target) == 64 and all(c in "0123456789abcdef" for c in target):
+        return target[:16] + "…"
+    return target
+
+
 def cmd_message_status(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
@@ -390,7 +406,8 @@ def cmd_message_status(reactor, arguments, environ):
             out_json({"messageId": reply.get("messageId"), "targetSpec": reply.get("targetSpec"),
                       "recipients": recipients})
             return
-        out("message %s to %s: %s" % (reply.get("messageId"), reply.get("targetSpec"),
+        out("message %s to %s: %s" % (reply.get("messageId"),
+                                      _target_text(reply.get("targetSpec"), recipients),
                                       plural(len(recipients), "recipient")))
         if not recipients:
             out("  (nobody: no member was connected to receive it when it was sent)")
