@@ -393,6 +393,21 @@ class StateMachineTests(SynchronousTestCase):
                                                  "_reqId": req_id}).encode())
         self.assertEqual(self.successResultOf(d)["type"], "peers_list")
 
+    def test_frame_nested_too_deep_is_dropped(self):
+        """
+        A frame from the broker nested deeper than the JSON parser recurses
+        is dropped with a warning, like any frame that is not JSON; the
+        connection goes on.
+        """
+        self.client.start()
+        proto = self.open()
+        self.ack(proto)
+        d = self.client.request({"type": "list_peers"})
+        self.client._received(proto, b"[" * 100000)
+        self.client._received(proto, json.dumps({"type": "peers_list", "peers": [],
+                                                 "_reqId": proto.sent[-1]["_reqId"]}).encode())
+        self.assertEqual(self.successResultOf(d)["type"], "peers_list")
+
     def test_send_kept_across_reconnect(self):
         """A send unanswered when the connection drops is written again with the same id."""
         self.client.start()

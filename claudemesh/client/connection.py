@@ -500,7 +500,8 @@ class MeshClient(Requests):
     def _received(self, proto, payload):
         try:
             frame = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: nested deeper than the parser recurses.
             self._log.warn("the broker sent a frame that is not JSON")
             return
         if not isinstance(frame, dict):
