@@ -10,6 +10,9 @@ import json
 from autobahn.websocket.types import ConnectionDeny
 from treq.testing import StubTreq
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudemesh import crypto
@@ -262,6 +265,49 @@ class GateTests(UITestCase):
         e = self.assertRaises(ConnectionDeny, protocol.onConnect,
                               Request(good, {"token": [TOKEN], "mesh": ["other"]}))
         self.assertEqual(e.code, 404)
+
+
+class ClockTimer:
+    """
+    What Autobahn's factory uses of its batched timer, on a L{task.Clock}.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def call_later(self, delay, function, *args, **kwargs):
+        return self.clock.callLater(delay, function, *args, **kwargs)
+
+
+class LiveTests(UITestCase):
+    def test_large_snapshot_reaches_the_page(self):
+        """
+        A snapshot bigger than the page may send in one message (a mesh with
+        many members) still goes out: the live limit holds what the page
+        sends, not what the server sends it.
+        """
+        view = self.connected()
+        members = [{"name": "member-%03d" % (i,), "memberPubkey": "%064x" % (i,),
+                    "role": "member", "online": False} for i in range(100)]
+        view.client.replies["list_members"] = {"members": members}
+        view.refresh()
+        self.assertGreater(len(server.encode_json(view.snapshot())), server.MAX_LIVE_MESSAGE)
+        factory = server.LiveResource(self.ui)._websocket._factory
+        # Autobahn's timers (handshake timeout, pings) on the test's clock,
+        # not the global reactor.
+        factory._batched_timer = ClockTimer(self.clock)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"GET /live?token=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: %s\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (TOKEN.encode(), PORT, BASE.encode()))
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101"), answer[:200])
+        self.assertIn(b'"member-099"', answer)
+        protocol.connectionLost(Failure(ConnectionDone()))
 
 
 class APITests(UITestCase):

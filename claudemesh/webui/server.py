@@ -340,6 +340,11 @@ class LiveProtocol(WebSocketServerProtocol):
     def send_event(self, event):
         self.sendMessage(encode_json(event), isBinary=False)
 
+    def onMessageFrameData(self, payload):
+        # The page sends nothing that matters: its data is dropped as it
+        # comes, so a message of many small frames holds no memory.
+        pass
+
     def onMessage(self, payload, isBinary):
         pass
 
@@ -454,7 +459,10 @@ class LiveResource(resource.Resource):
         factory.protocol = LiveProtocol
         factory.ui = ui
         factory.noisy = False
-        factory.setProtocolOptions(maxMessagePayloadSize=MAX_LIVE_MESSAGE,
+        # Autobahn applies maxMessagePayloadSize to what it sends too, and a
+        # snapshot grows with the mesh: no message limit, then; what the page
+        # sends is held by the frame limit and never kept (LiveProtocol).
+        factory.setProtocolOptions(maxMessagePayloadSize=0,
                                    maxFramePayloadSize=MAX_LIVE_MESSAGE,
                                    autoPingInterval=20, autoPingTimeout=30)
         self._websocket = WebSocketResource(factory)
