@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from claudemesh import __version__, protocol
+from claudemesh.broker import framemask
 from claudemesh.broker.admission import admission_of
 from claudemesh.broker.limits import AddressLimits
 from claudemesh.broker.sessions import IPeerConnection
@@ -344,6 +345,8 @@ def configure_ws_factory(factory, settings):
     @param factory: a L{WebSocketServerFactory}.
     @param settings: the L{claudemesh.broker.settings.BrokerSettings}.
     """
+    # Autobahn's per-frame native masker costs more than the frame itself.
+    framemask.install()
     factory.setProtocolOptions(
         # Liveness (docs/protocol.md, connection limits): ping every 30 s,
         # drop a peer silent for 75 s.
