@@ -169,6 +169,19 @@ class CLIAgainstBrokerTests(CLIBrokerFixture):
         out = self.ok("alice", "inbox", "--wait", "0.5")
         self.assertIn('No messages on mesh "%s".' % (self.mesh,), out)
 
+    def test_peer_text_cannot_drive_the_terminal(self):
+        """
+        Escape sequences and carriage returns in a peer's message (or name)
+        reach the terminal made visible: a member cannot clear another's
+        screen, retitle it, or overwrite a line with a fake one.
+        """
+        self.mesh_with("alice")
+        self.ok("owner", "send", "alice", "hi \x1b[2J\x1b]0;pwned\x07\rfake\x9b1m")
+        out = self.ok("alice", "inbox", "--wait", "1")
+        self.assertIn("hi \\x1b[2J\\x1b]0;pwned\\x07\\x0dfake\\x9b1m", out)
+        for control in ("\x1b", "\x07", "\r", "\x9b"):
+            self.assertNotIn(control, out)
+
     def test_invite_used_up(self):
         """A one-use invite refuses a second joiner with a non-zero exit."""
         self.ok("owner", "new", self.mesh, "--name", "owner")
