@@ -74,7 +74,7 @@ class Broker(service.Service):
                                backplane if backplane is not None else LocalBackplane(),
                                node_name, hostname, metrics)
         self.meshes = MeshDirectory(store)
-        self.mesh_keys = MeshKeys(store, self.writes, clock)
+        self.mesh_keys = MeshKeys(store, self.writes, clock, self.meshes, self.cluster)
         self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics,
                                  key_epochs=self.mesh_keys.refuse_send)
         self.status = StatusBoard(self.meshes, self.writes, self.delivery, clock, settings)

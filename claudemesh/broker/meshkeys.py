@@ -41,6 +41,11 @@ STAGING_SECONDS = 300
 # How many departed members and members without a copy a hello_ack lists.
 REPORT_LIMIT = 20
 DEFAULT_REASON = "manual"
+# The notices nodes of a cluster send each other about key epochs: one
+# committed a rotation, stored copies for members, or has a member asking.
+ROTATED_NOTICE = "key_rotated"
+SHARED_NOTICE = "key_shared"
+WANTED_NOTICE = "key_wanted"
 
 
 @attr.s(slots=True)
@@ -66,14 +71,26 @@ class MeshKeys:
         it holds, so every message accepted under the old epoch is stored
         before the new one begins.
     @param clock: the broker's clock.
+    @param meshes: the broker's L{MeshDirectory}, where the sessions a
+        notice from another node is about are found.
+    @param cluster: this node's L{Cluster} (issue 15), or C{None} alone.
     """
 
     _log = Logger()
 
-    def __init__(self, store, writes, clock):
+    def __init__(self, store, writes, clock, meshes=None, cluster=None):
         self._store = store
         self._writes = writes
         self._clock = clock
+        self._meshes = meshes
+        self._cluster = cluster
+        if cluster is not None:
+            # Issue 15: the other nodes of a cluster keep epochs of their own.
+            cluster.on(ROTATED_NOTICE, self._rotated_elsewhere)
+            cluster.on(SHARED_NOTICE, self._shared_elsewhere)
+            cluster.on(WANTED_NOTICE, self._wanted_elsewhere)
+            cluster.on_rescan(self._rescan)
+        self._rereading = set()
         self._epochs = {}
         self._staged = {}  # presence id -> _Staged
         # (mesh id, epoch, member id) whose missing copy the moderators were
@@ -149,6 +166,9 @@ class MeshKeys:
             return ("stale_key_epoch: sealed under key epoch %d, but the mesh key was rotated:"
                     " the current epoch is %d — fetch its key and seal again"
                     % (frame.keyEpoch, current), current)
+        # Another node may have committed it and its notice be late or lost:
+        # read the store, so that the client's next try is judged by it.
+        self._reread(session.mesh.id)
         return ("unknown_key_epoch: key epoch %d does not exist yet; the current epoch is %d"
                 % (frame.keyEpoch, current), current)
 
@@ -274,13 +294,12 @@ class MeshKeys:
                     currentEpoch=outcome.current_epoch)
             raise Refusal("key_epoch_conflict", "key epoch %d was committed by another rotation"
                           % (frame.epoch,), currentEpoch=outcome.current_epoch)
-        self._epochs[mesh.id] = frame.epoch
-        self._wanted = {w for w in self._wanted if w[0] != mesh.id}
         self._log.info("mesh {mesh_id}: key rotated to epoch {epoch} for {count} members",
                        mesh_id=mesh.id, epoch=frame.epoch, count=len(staged.copies))
-        self._push(mesh, "mesh_key_rotated", {
-            "epoch": frame.epoch, "by": member.display_name, "byPubkey": member.pubkey},
-            list(mesh.sessions.values()))
+        announced = {"epoch": frame.epoch, "by": member.display_name,
+                     "byPubkey": member.pubkey}
+        self._notice(ROTATED_NOTICE, mesh.id, announced)
+        self._advance(mesh.id, frame.epoch, announced)
         return protocol.RotateMeshKeyAck(epoch=frame.epoch, committed=True,
                                          members=len(staged.copies)).to_wire()
 
@@ -310,8 +329,8 @@ class MeshKeys:
                                           if m in mesh.members])
             raise Refusal("key_epoch_conflict", "the key was rotated meanwhile",
                           currentEpoch=outcome.current_epoch)
-        recipients = [s for mid in copies for s in mesh.sessions_of(mid)]
-        self._push(mesh, "mesh_key_shared", {"epoch": frame.epoch}, recipients)
+        self._notice(SHARED_NOTICE, mesh.id, {"epoch": frame.epoch, "members": list(copies)})
+        self._tell_shared(mesh, frame.epoch, copies)
         return protocol.ShareMeshKeyAck(epoch=frame.epoch, shared=outcome.shared).to_wire()
 
     # -- a member's own copy ------------------------------------------------------------
@@ -335,7 +354,7 @@ class MeshKeys:
         return protocol.MeshKey(epoch=copy.epoch, sealedKey=copy.sealed_key,
                                 sealedBy=copy.sealed_by).to_wire()
 
-    def _want(self, mesh, member, epoch):
+    def _want(self, mesh, member, epoch, notice=True):
         """
         Tell the live owners and admins, once, that C{member} has no copy of
         the current key: a client of theirs that holds it shares one.
@@ -344,8 +363,83 @@ class MeshKeys:
         if wanted in self._wanted:
             return
         self._wanted.add(wanted)
+        if notice:
+            self._notice(WANTED_NOTICE, mesh.id, {"epoch": epoch, "member": member.id})
         moderators = [s for s in mesh.sessions.values()
                       if s.member.role in MODERATORS and s.member.id != member.id]
         self._push(mesh, "mesh_key_wanted", {
             "epoch": epoch, "name": member.display_name, "memberPubkey": member.pubkey},
             moderators)
+
+    def _tell_shared(self, mesh, epoch, member_ids):
+        recipients = [s for mid in member_ids for s in mesh.sessions_of(mid)]
+        self._push(mesh, "mesh_key_shared", {"epoch": epoch}, recipients)
+
+    # -- the other nodes of a cluster (issue 15) ------------------------------------------
+
+    def _notice(self, kind, mesh_id, data):
+        if self._cluster is not None:
+            self._cluster.notice(kind, mesh_id, **data)
+
+    def _advance(self, mesh_id, epoch, announced):
+        """
+        C{epoch} is committed: from now on it is the current one here, and
+        this node's live sessions of the mesh hear C{mesh_key_rotated}. An
+        epoch never goes back, so late or repeated news changes nothing.
+        """
+        if epoch <= self._epochs.get(mesh_id, -1):
+            return
+        self._epochs[mesh_id] = epoch
+        self._wanted = {w for w in self._wanted if w[0] != mesh_id}
+        mesh = self._meshes.cached(mesh_id) if self._meshes is not None else None
+        if mesh is not None:
+            self._push(mesh, "mesh_key_rotated", announced, list(mesh.sessions.values()))
+
+    def _rotated_elsewhere(self, notice):
+        epoch = notice.data.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            return
+        announced = {"epoch": epoch}
+        for field in ("by", "byPubkey"):
+            if isinstance(notice.data.get(field), str):
+                announced[field] = notice.data[field]
+        self._advance(notice.mesh_id, epoch, announced)
+
+    def _shared_elsewhere(self, notice):
+        mesh = self._meshes.cached(notice.mesh_id) if self._meshes is not None else None
+        members = notice.data.get("members")
+        if mesh is None or not isinstance(members, list):
+            return
+        self._tell_shared(mesh, notice.data.get("epoch"),
+                          [m for m in members if isinstance(m, str)])
+
+    def _wanted_elsewhere(self, notice):
+        mesh = self._meshes.cached(notice.mesh_id) if self._meshes is not None else None
+        member = mesh.members.get(notice.data.get("member")) if mesh is not None else None
+        epoch = notice.data.get("epoch")
+        if member is not None and isinstance(epoch, int) and not isinstance(epoch, bool):
+            self._want(mesh, member, epoch, notice=False)
+
+    def _reread(self, mesh_id):
+        """
+        Read the mesh's current epoch from the store again (one read at a
+        time per mesh), and act on a newer one as on its notice.
+        """
+        if mesh_id in self._rereading or self._cluster is None \
+                or not self._cluster.clustered:
+            return
+        self._rereading.add(mesh_id)
+        d = self._store.current_key_epoch(mesh_id)
+        d.addCallback(lambda epoch: self._advance(mesh_id, epoch, {"epoch": epoch}))
+        d.addErrback(lambda f: self._log.warn(
+            "could not read the key epoch of mesh {mesh_id}: {error}", mesh_id=mesh_id,
+            error=f.getErrorMessage()[:200]))
+        d.addBoth(lambda _: self._rereading.discard(mesh_id))
+
+    def _rescan(self, reopen=False):
+        """
+        Notices may have been missed: read again the epoch of every mesh
+        this node knows one of.
+        """
+        for mesh_id in list(self._epochs):
+            self._reread(mesh_id)
