@@ -288,3 +288,36 @@ class BrowserTests(BrokerProcessMixin, SynchronousTestCase):
         self.wait(lambda d: self.session_status("bob") is None, what="bob's session gone")
         self.wait(lambda d: "kick: bob" in self.find("#notice")[0].text, what="the notice")
         self.assertIsNone(self.carol_listen.poll())
+
+    def test_ban_rotates_the_key(self):
+        """A ban from the page rotates the mesh key: bob reads what follows, the banned is out."""
+        driver = self.driver
+        driver.get(self.url)
+        self.wait(lambda d: self.find("#state") and self.find("#state")[0].text == "connected",
+                  what="connected")
+        self.wait(lambda d: self.find("#key-epoch")[0].text == "key epoch 0",
+                  what="key epoch 0")
+        self.assertFalse(self.find("#key-notice")[0].is_displayed())
+        self.wait(lambda d: self.member(HOSTILE) is not None, what="carol listed")
+        self.click(lambda: self.in_member(HOSTILE, "button.ban"), what="carol's ban button")
+        self.wait(lambda d: self.find("#confirm-dialog")[0].get_attribute("open") is not None,
+                  what="the confirmation")
+        self.assertIn("the mesh key is rotated", self.find("#confirm-text")[0].text)
+        self.find("#confirm-yes")[0].click()
+        self.wait(lambda d: "mesh key rotated to epoch 1" in self.find("#notice")[0].text,
+                  what="the rotation notice")
+        self.wait(lambda d: self.find("#key-epoch")[0].text == "key epoch 1",
+                  what="key epoch 1")
+        self.assertEqual(self.carol_listen.wait(timeout=20), 1)
+        # bob's listen fetched the new key; a broadcast under it reaches him.
+        self.ok("owner", "send", "*", "after the ban")
+        line = self.bob_listen.out.wait_for(lambda text: "after the ban" in text)
+        self.assertNotIn("cannot decrypt", line)
+        self.assertFalse(self.find("#key-notice")[0].is_displayed())
+        # A rotation from the page's button.
+        self.find("#rotate-key")[0].click()
+        self.wait(lambda d: self.find("#confirm-dialog")[0].get_attribute("open") is not None,
+                  what="the confirmation")
+        self.find("#confirm-yes")[0].click()
+        self.wait(lambda d: self.find("#key-epoch")[0].text == "key epoch 2",
+                  what="key epoch 2")
