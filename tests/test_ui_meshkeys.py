@@ -250,3 +250,34 @@ class UIAgainstBrokerTests(unittest.TestCase):
         yield wait_until(lambda: view.presence()["meshKey"]["notice"] is None)
         yield wait_until(lambda: view.presence()["meshKey"]["epoch"] == 1)
         self.assertTrue(view.presence()["meshKey"]["held"])
+
+    @defer.inlineCallbacks
+    def test_page_opens_pushes_by_epoch(self):
+        """The page's session opens a push by its epoch and says which epoch it never got."""
+        view = yield self.watcher()
+        yield self.owner.mesh_keys.rotate()
+        yield wait_until(lambda: view.client.mesh_keys.key_of(1) is not None)
+        key = view.client.mesh_keys.key_of(1)
+        for message_id, epoch, sealing in (("m-1", 1, key), ("m-5", 5, crypto.new_mesh_key())):
+            nonce, ciphertext = crypto.encrypt_broadcast(sealing, b"sealed under %d" % epoch)
+            view.client._push({
+                "type": "push", "messageId": message_id, "meshId": self.owner_entry.meshId,
+                "senderPubkey": self.alice_entry.pubkey,
+                "senderMemberPubkey": self.alice_entry.pubkey, "targetSpec": "*",
+                "priority": "next", "nonce": nonce, "ciphertext": ciphertext,
+                "createdAt": "2026-01-01T00:00:00.000Z", "seq": epoch, "keyEpoch": epoch})
+        yield wait_until(lambda: "received:m-5" in view.messages)
+        opened, missing = view.messages["received:m-1"], view.messages["received:m-5"]
+        self.assertEqual((opened["text"], opened["error"]), ("sealed under 1", None))
+        self.assertEqual((missing["text"], missing["error"]), (
+            None, "cannot decrypt: sealed under key epoch 5, which this member never received"))
+        self.assertEqual(opened["conversation"], "*")
+
+
+class UIAgainstPostgresBrokerTests(UIAgainstBrokerTests):
+    """
+    The same, with the broker on Postgres.
+    """
+
+    skip = test_meshkeys_client.PG_SKIP
+    make_store = test_meshkeys_client.RotationAgainstPostgresBrokerTests.make_store
