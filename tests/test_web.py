@@ -323,18 +323,19 @@ class RoutingTests(SiteMixin, SynchronousTestCase):
                 self.assertEqual(response.header(b"content-type"), "application/json")
                 if method != b"HEAD":
                     self.assertEqual(response.json(), {"error": "method_not_allowed"})
-                self.assertEqual([e for e in events if e.get("log_failure")], [],
-                                 (path, method))
+                self.assertEqual([e for e in events if e.get("log_failure")
+                                  or "eat it" in e.get("log_format", "")], [], (path, method))
 
     def test_headLogsNothing(self):
         """
-        HEAD on a GET route answers without a body and without Twisted's
-        "returning a message body" line in the log for every such request.
+        HEAD on a GET route (or an unknown path) answers without a body and
+        without Twisted's "returning a message body" line in the log for
+        every such request.
         """
-        for path in (b"/health", b"/metrics"):
+        for path, code in ((b"/health", 200), (b"/metrics", 200), (b"/", 404), (b"/nope", 404)):
             with capturedLogs() as events:
                 response = self.get(path, method=b"HEAD")
-            self.assertEqual((response.code, response.body), (200, b""), path)
+            self.assertEqual((response.code, response.body), (code, b""), path)
             self.assertGreater(int(response.header(b"content-length")), 0, path)
             self.assertEqual([e for e in events if "eat it" in e.get("log_format", "")], [],
                              path)

@@ -35,6 +35,18 @@ def json_body(request, code, document):
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
+def without_body_for_head(request, body):
+    """
+    C{body}, or for a HEAD request nothing, with the length it would have
+    had: dropped here rather than by twisted.web, which logs a line for
+    every HEAD answered with a body (any stranger could fill the log).
+    """
+    if request.method == b"HEAD" and body is not NOT_DONE_YET:
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
+        return b""
+    return body
+
+
 class JSONResource(Resource):
     """
     A resource whose unknown children answer 404 JSON and whose unsupported
@@ -46,8 +58,7 @@ class JSONResource(Resource):
 
     def render(self, request):
         method = request.method.decode("ascii", "replace")
-        head = method == "HEAD"
-        if head:
+        if method == "HEAD":
             # As twisted.web does, HEAD is GET without the body; but not
             # through Resource.render_HEAD, which calls a render_GET the
             # POST routes do not have.
@@ -60,14 +71,10 @@ class JSONResource(Resource):
                 allowed.add("HEAD")
             allowed = sorted(allowed)
             request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-            return json_body(request, 405, {"error": "method_not_allowed"})
-        body = render_method(request)
-        if head and body is not NOT_DONE_YET:
-            # Dropped here, with its length said, rather than by twisted.web,
-            # which logs a line for every HEAD that returns a body.
-            request.setHeader(b"Content-Length", b"%d" % (len(body),))
-            return b""
-        return body
+            body = json_body(request, 405, {"error": "method_not_allowed"})
+        else:
+            body = render_method(request)
+        return without_body_for_head(request, body)
 
 
 class NotFoundResource(JSONResource):
@@ -80,4 +87,4 @@ class NotFoundResource(JSONResource):
         return self
 
     def render(self, request):
-        return json_body(request, 404, {"error": "not_found"})
+        return without_body_for_head(request, json_body(request, 404, {"error": "not_found"}))

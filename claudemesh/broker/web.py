@@ -28,7 +28,12 @@ from twisted.web.server import NOT_DONE_YET, Site
 from claudemesh import __version__
 from claudemesh.broker.admission import Admission, BrokerRequest
 from claudemesh.broker.hookroute import HookStatusResource
-from claudemesh.broker.jsonresource import JSONResource, NotFoundResource, json_body
+from claudemesh.broker.jsonresource import (
+    JSONResource,
+    NotFoundResource,
+    json_body,
+    without_body_for_head,
+)
 from claudemesh.broker.meshroutes import JoinResource, MeshCreationResource
 from claudemesh.broker.ws import AdmittingWebSocketResource
 
@@ -184,7 +189,7 @@ class BrokerRoot(JSONResource):
     """
 
     def render(self, request):
-        return json_body(request, 404, {"error": "not_found"})
+        return without_body_for_head(request, json_body(request, 404, {"error": "not_found"}))
 
 
 class _StoreHealthResource(JSONResource):
