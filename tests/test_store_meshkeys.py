@@ -138,6 +138,53 @@ class MeshKeyStoreTestsMixin:
         self.assertEqual(sorted(o.stored for o in outcomes), [False, False, False, True])
         self.assertEqual((yield self.auditTypes()).count("mesh_key_rotated"), 1)
 
+    @defer.inlineCallbacks
+    def test_rotation_racing_a_ban_or_a_leave(self):
+        """
+        A rotation naming a member and that member's ban (or leave) at once:
+        either the rotation is refused naming it, or it committed first and
+        the departure is reported as since that rotation — never a committed
+        epoch the departed member holds without anyone being told.
+        """
+        members, epoch = [self.owner, self.alice, self.bob], 0
+        for round_ in range(6):
+            victim = yield self.addMember(self.mesh, display_name="v%d" % (round_,))
+            members.append(victim)
+
+            def rotate():
+                return self.store.rotate_mesh_key(
+                    self.rotation(epoch + 1, members), [self.rotated(epoch + 1)])
+
+            # Which starts first alternates (a single-threaded store runs them
+            # in that order; Postgres in either).
+            rotation = rotate() if (round_ // 2) % 2 else None
+            if round_ % 2:
+                departure = self.store.remove_member(victim.id, [AuditEvent(
+                    self.mesh.id, "member_left", victim.id,
+                    {"pubkey": victim.pubkey, "name": "v"}, NOW)])
+            else:
+                departure = self.store.ban_member(victim.id, NOW, [AuditEvent(
+                    self.mesh.id, "member_banned", self.owner.id,
+                    {"target": "v", "targetPubkey": victim.pubkey}, NOW)])
+            rotation = rotation or rotate()
+            outcome, _ = yield defer.gatherResults([rotation, departure], consumeErrors=True)
+            members.remove(victim)
+            report = yield self.store.mesh_key_report(self.mesh.id, 20)
+            departed = [d.pubkey for d in report.departures]
+            if outcome.stored:
+                epoch += 1
+                self.assertEqual(departed, [victim.pubkey])
+            else:
+                self.assertEqual((outcome.unexpected, outcome.current_epoch),
+                                 ((victim.id,), epoch))
+            # The next rotation, without the departed member, clears it.
+            outcome = yield self.store.rotate_mesh_key(
+                self.rotation(epoch + 1, members), [self.rotated(epoch + 1)])
+            self.assertTrue(outcome.stored)
+            epoch += 1
+            report = yield self.store.mesh_key_report(self.mesh.id, 20)
+            self.assertEqual(report.departures, ())
+
     # -- sharing -----------------------------------------------------------------
 
     @defer.inlineCallbacks
