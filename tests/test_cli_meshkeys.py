@@ -100,6 +100,17 @@ class KeyRotationCLITests(SynchronousTestCase):
         self.assertTrue(any(c["ok"] and "no member left" in c["check"]
                             for c in json.loads(out)["checks"]), out)
 
+    def test_unban_drops_the_departure_notice(self):
+        """
+        unban after ban --no-rotate says nothing about rotating: the notice
+        is read again after the unban, which the broker leaves out.
+        """
+        self.mesh_with("alice", "bob")
+        self.ok("owner", "ban", "bob", "--no-rotate")
+        code, out, err = self.cm("owner", "unban", "bob")
+        self.assertEqual((code, out), (0, "Unbanned bob.\n"))
+        self.assertNotIn("rotate-key", err)
+
     def test_rotate_key_needs_a_moderator(self):
         """A member's rotate-key is forbidden, exit 7."""
         self.mesh_with("alice")

@@ -157,6 +157,9 @@ def cmd_unban(reactor, arguments, environ):
     @defer.inlineCallbacks
     def action(client):
         reply = yield request(client, {"type": "unban", "target": arguments.peer})
+        # The notice after this command must not tell to rotate because of
+        # the ban just undone (the hello_ack read before it still had it).
+        yield client.mesh_keys.refresh_status()
         if arguments.json:
             out_json({"unbanned": reply["unbanned"]})
         else:
