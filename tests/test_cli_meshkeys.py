@@ -158,3 +158,29 @@ class KeyRotationCLITests(SynchronousTestCase):
         alice = self.listen("alice")
         self.ok("owner", "send", "*", "after the rejoin")
         self.assertIsNone(self.received(alice, "after the rejoin")["error"])
+
+    def test_listen_says_key_events(self):
+        """A listener says who rotated; an owner's listener names departures as it starts."""
+        import subprocess
+
+        self.mesh_with("alice", "bob")
+        self.ok("owner", "ban", "bob", "--no-rotate")
+        owner = subprocess.Popen(test_cli_commands.claudemesh_command() + ["listen"],
+                                 env=self.env("owner"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        self.listeners.append(owner)
+        alice = subprocess.Popen(test_cli_commands.claudemesh_command() + ["listen"],
+                                 env=self.env("alice"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        self.listeners.append(alice)
+        self.assertIn("Listening on", owner.stderr.readline())
+        self.assertIn("claudemesh: bob was banned since the mesh key was last rotated",
+                      owner.stderr.readline())
+        self.assertIn("Listening on", alice.stderr.readline())
+        self.ok("owner", "rotate-key")
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            line = alice.stdout.readline()
+            if "rotated" in line or not line:
+                break
+        self.assertEqual(line, "* owner rotated the mesh key (epoch 1)\n")

@@ -268,7 +268,9 @@ def cmd_listen(reactor, arguments, environ):
         if arguments.json:
             out_json({"event": frame.get("event"), "eventData": data}, indent=None)
         else:
-            out("* %s %s" % (data.get("name", "?"), frame.get("event")))
+            out("* " + key_event_text(frame.get("event"), data)
+                if frame.get("event") in KEY_EVENTS
+                else "* %s %s" % (data.get("name", "?"), frame.get("event")))
 
     def note(event, data, text):
         if arguments.json:
@@ -298,6 +300,11 @@ def cmd_listen(reactor, arguments, environ):
         names.update(_names(members, peers))
         if not arguments.json:
             err('Listening on "%s"; Ctrl-C to stop.' % (client.mesh.slug,))
+            # Issue 17: an owner's or admin's listener says at once who left
+            # since the last rotation (it may never reach the end of a command).
+            yield client.mesh_keys.settled()
+            for line in client.mesh_keys.notices():
+                err("claudemesh: %s" % (line,))
         # Until Ctrl-C (the reactor stops) or the broker ends the session.
         yield client.when_done()
 
@@ -311,6 +318,19 @@ def cmd_listen(reactor, arguments, environ):
     return with_mesh(reactor, arguments, environ, unbounded, receive=True, presence=True,
                      on_message=on_message, on_event=on_event,
                      on_disconnect=on_disconnect, on_connect=on_connect)
+
+
+# The mesh key events (issue 17) and how listen says them.
+KEY_EVENTS = ("mesh_key_rotated", "mesh_key_shared", "mesh_key_wanted")
+
+
+def key_event_text(event, data):
+    epoch = data.get("epoch")
+    if event == "mesh_key_rotated":
+        return "%s rotated the mesh key (epoch %s)" % (data.get("by") or "someone", epoch)
+    if event == "mesh_key_shared":
+        return "a copy of the mesh key (epoch %s) was sealed for this member" % (epoch,)
+    return "%s has no copy of the mesh key (epoch %s)" % (data.get("name") or "?", epoch)
 
 
 def _self_frame(frame, arguments):
