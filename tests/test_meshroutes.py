@@ -82,6 +82,19 @@ class MeshCreationTests(RouteTestCase):
                                    [(header, b"203.0.113.9")])
             self.assertEqual((code, body["error"]), (401, "unauthorized"))
 
+    def test_web_page_refused_when_open(self):
+        """
+        Without a token, a request a browser sent (it carries Origin, or
+        Sec-Fetch-Site) is refused: a web page the developer visits must not
+        create meshes on their loopback broker. The client sends neither.
+        """
+        for header, value in ((b"origin", b"https://evil.example"), (b"origin", b"null"),
+                              (b"sec-fetch-site", b"cross-site")):
+            code, body = self.post(self.meshes(None), self.create_body(), [(header, value)])
+            self.assertEqual((code, body.get("error")), (401, "unauthorized"), header)
+        code, _ = self.post(self.meshes(None), self.create_body())
+        self.assertEqual(code, 200)
+
     def test_bad_signature(self):
         """A body signed by another key is 400 bad_signature."""
         body = self.create_body()

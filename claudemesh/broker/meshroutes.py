@@ -5,7 +5,8 @@ C{/meshes} creates a mesh and its owner. It is authorised by the admin token
 (C{Authorization: Bearer <token>}); when the operator configured none the
 route is open only if every listening endpoint is loopback and the request
 carries no forwarding header (a reverse proxy in front must not open it to
-the world) — L{claudemesh.broker.tap.resolve_admin_token} decides which.
+the world) and nothing a browser adds (C{Origin}, C{Sec-Fetch-Site}: a web
+page must not use it) — L{claudemesh.broker.tap.resolve_admin_token} decides which.
 
 C{/join} takes the same body as the C{join} frame.
 """
@@ -23,6 +24,9 @@ from claudemesh.broker.membership import token_matches
 from claudemesh.protocol import has_lone_surrogate
 
 FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+# What browsers add to a request a page makes, and the claudemesh client never
+# sends.
+BROWSER_HEADERS = (b"origin", b"sec-fetch-site")
 
 # Refusal codes and the HTTP status each one answers with.
 HTTP_STATUS = {
@@ -110,6 +114,10 @@ class MeshCreationResource(_JSONPost):
                 raise protocol.Refusal("unauthorized", "a valid admin token is required")
         elif any(request.getHeader(h) is not None for h in FORWARDING_HEADERS):
             raise protocol.Refusal("unauthorized", "open mesh creation is for local clients only")
+        elif any(request.getHeader(h) is not None for h in BROWSER_HEADERS):
+            # A web page the developer visits can POST here (no preflight
+            # for a text/plain body), and sign with a key it made.
+            raise protocol.Refusal("unauthorized", "open mesh creation is not for web pages")
         return self._membership.create_mesh(document)
 
 
