@@ -293,7 +293,8 @@ class MeshWatch:
         elif event in ("peer_joined", "peer_returned"):
             self._refresh_soon()
         elif event in ("mesh_key_rotated", "mesh_key_shared"):
-            # Whoever rotated, the members who left before hold no key now.
+            # The key changed (whoever rotated) or a copy arrived: ask again
+            # what the page shows of it (the departures are cleared).
             self._refresh_soon()
 
     # -- the mesh key (issue 17) ----------------------------------------------------------
