@@ -30,6 +30,7 @@ from claudemesh.store import (
     describe_store,
     make_store,
 )
+from claudemesh.store.postgres import safe_dsn
 from claudemesh.store.records import (
     AuditEvent,
     ClaimRequest,
@@ -1573,6 +1574,16 @@ class MakeStoreTests(TestCase):
             "postgresql://bob:sekrit@db:5432/mesh?sslmode=require&password=x", "/x"
         )
         self.assertEqual(description, "postgres postgresql://bob@db:5432/mesh?sslmode=require")
+
+    def test_describe_hides_every_password(self):
+        """
+        The client key's passphrase (libpq's C{sslpassword}) is a password
+        too: neither the URL nor the DSN description says it.
+        """
+        url = "postgresql://bob@db/mesh?sslpassword=sekrit1&PASSWORD=sekrit2&sslmode=require"
+        for description in (describe_store(url, "/x"), safe_dsn(url)):
+            self.assertNotIn("sekrit", description)
+            self.assertIn("sslmode", description)
 
     def test_service(self):
         """The service opens the store on start and closes it on stop."""

@@ -94,7 +94,8 @@ def make_store(database_url, data_dir, schema=DEFAULT_SCHEMA, reactor=None):
 
 def describe_url(url: str) -> str:
     """
-    C{url} without its password (in the authority or as a query parameter).
+    C{url} without its password (in the authority or as a query parameter)
+    nor any other C{…password} parameter.
     """
     parts = urlsplit(url)
     netloc = parts.netloc
@@ -103,7 +104,8 @@ def describe_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = "%s@%s" % (user, hostport) if user else hostport
     query = urlencode(
-        [(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"]
+        # password, and sslpassword (the passphrase of the client's key).
+        [(k, v) for k, v in parse_qsl(parts.query) if "password" not in k.lower()]
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

@@ -72,7 +72,8 @@ def safe_dsn(dsn: str) -> str:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
         return "<unparseable DSN>"
-    params.pop("password", None)
+    # password, and sslpassword (the passphrase of the client's key).
+    params = {k: v for k, v in params.items() if "password" not in k.lower()}
     return " ".join("%s=%s" % item for item in sorted(params.items()))
 
 
