@@ -1580,7 +1580,7 @@ class MakeStoreTests(TestCase):
         The client key's passphrase (libpq's C{sslpassword}) is a password
         too: neither the URL nor the DSN description says it.
         """
-        url = "postgresql://bob@db/mesh?sslpassword=sekrit1&PASSWORD=sekrit2&sslmode=require"
+        url = "postgresql://bob@db/mesh?sslpassword=sekrit1&password=sekrit2&sslmode=require"
         for description in (describe_store(url, "/x"), safe_dsn(url)):
             self.assertNotIn("sekrit", description)
             self.assertIn("sslmode", description)
