@@ -99,6 +99,17 @@ class RotationAcrossNodesTests(SynchronousTestCase):
         self.assertEqual(len(self.alice1.connection.events("mesh_key_rotated")), events)
         self.assertEqual(self.broadcast(self.alice1, LINK_KEY, 1)["currentEpoch"], 2)
 
+    def test_hello_never_hands_out_an_older_epoch(self):
+        """With the notice lost, a hello on the other node reads the store: epoch 1."""
+        self.fx.hub.dropping = True
+        key = self.rotate(1)
+        self.assertEqual(self.fx.peer_on(1, self.bob).connect(session_id="b2")["keyEpoch"], 1)
+        # The node moved on: its other sessions hear it, old epochs are stale there.
+        self.assertEqual(len(self.alice1.connection.events("mesh_key_rotated")), 1)
+        self.assertTrue(self.broadcast(self.alice1, LINK_KEY, 0)["error"].startswith(
+            "stale_key_epoch"))
+        self.assertTrue(self.broadcast(self.alice1, key, 1)["queued"])
+
 
 class CopiesAcrossNodesTests(SynchronousTestCase):
     def test_late_joiner_on_another_node(self):
@@ -128,3 +139,4 @@ class CopiesAcrossNodesTests(SynchronousTestCase):
         copy = carol.request({"type": "get_mesh_key", "epoch": 1})
         self.assertEqual(crypto.open_mesh_key(carol.identity, copy["sealedBy"], owner.mesh.id,
                                               1, copy["sealedKey"]), key)
+

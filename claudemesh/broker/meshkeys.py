@@ -127,10 +127,15 @@ class MeshKeys:
         changed, and which members have no copy of the current key.
         """
         if member.role not in MODERATORS:
+            if self._clustered():
+                # Another node may have rotated and its notice be late or
+                # lost: a hello never hands out an epoch older than the store's.
+                epoch = yield self._store.current_key_epoch(mesh.id)
+                self._advance(mesh.id, epoch, {"epoch": epoch})
             epoch = yield self.epoch_of(mesh)
             return {"keyEpoch": epoch}
         report = yield self._store.mesh_key_report(mesh.id, REPORT_LIMIT)
-        self._epochs[mesh.id] = report.epoch
+        self._advance(mesh.id, report.epoch, {"epoch": report.epoch})
         departed = list(report.departures)
         return {"keyEpoch": report.epoch, "keyStatus": {
             "departedSinceRotation": [{
@@ -377,6 +382,9 @@ class MeshKeys:
 
     # -- the other nodes of a cluster (issue 15) ------------------------------------------
 
+    def _clustered(self):
+        return self._cluster is not None and self._cluster.clustered
+
     def _notice(self, kind, mesh_id, data):
         if self._cluster is not None:
             self._cluster.notice(kind, mesh_id, **data)
@@ -425,8 +433,7 @@ class MeshKeys:
         Read the mesh's current epoch from the store again (one read at a
         time per mesh), and act on a newer one as on its notice.
         """
-        if mesh_id in self._rereading or self._cluster is None \
-                or not self._cluster.clustered:
+        if mesh_id in self._rereading or not self._clustered():
             return
         self._rereading.add(mesh_id)
         d = self._store.current_key_epoch(mesh_id)
