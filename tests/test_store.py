@@ -30,6 +30,7 @@ from claudemesh.store import (
     describe_store,
     make_store,
 )
+from claudemesh.store import sqlite as sqlite_module
 from claudemesh.store.postgres import safe_dsn
 from claudemesh.store.records import (
     AuditEvent,
@@ -1283,6 +1284,33 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
     def _set_schema_version(self, version):
         return self._raw("UPDATE schema_version SET version = ?", version)
+
+    @defer.inlineCallbacks
+    def test_rows_inserted_in_chunks(self):
+        """
+        A batch larger than one multi-row INSERT is stored whole, in order,
+        with its send keys' conflict clause applied across the chunks.
+        """
+        self.patch(sqlite_module, "INSERT_ROWS", 2)
+        mesh, owner, bob = yield self.meshWithRecipient()
+        messages = [self.makeMessage(mesh, owner, [NewDelivery(bob.id)], client_id="c%d" % i)
+                    for i in range(5)]
+        results = yield self.store.enqueue(messages)
+        self.assertEqual([r.duplicate for r in results], [False] * 5)
+        self.assertEqual([r.seq for r in results], sorted(r.seq for r in results))
+        for message in messages:
+            self.assertIsNotNone((yield self.store.get_message(message.id)))
+            [delivery] = yield self.store.message_deliveries(message.id)
+            self.assertEqual(delivery.member_id, bob.id)
+        # An expired key is replaced through the ON CONFLICT clause.
+        retries = [self.makeMessage(mesh, owner, [], client_id="c%d" % i,
+                                    created_at=NOW + 2 * HOUR, expires_at=NOW + 3 * HOUR)
+                   for i in range(5)]
+        again = yield self.store.enqueue(retries)
+        self.assertEqual([r.duplicate for r in again], [False] * 5)
+        repeated = yield self.store.enqueue([self.makeMessage(
+            mesh, owner, [], client_id="c3", created_at=NOW + 2 * HOUR + 1)])
+        self.assertEqual((repeated[0].message_id, repeated[0].duplicate), (retries[3].id, True))
 
     @defer.inlineCallbacks
     def test_pragmas(self):

@@ -41,6 +41,9 @@ from claudemesh.store.sql.operations import (
     run_inline,
 )
 
+# Rows per multi-row INSERT (L{_insert_rows}).
+INSERT_ROWS = 250
+
 # How long a statement waits for another process's write lock, in ms.
 BUSY_TIMEOUT_MS = 5000
 
@@ -60,11 +63,33 @@ def _execute(cursor, operation):
         cursor.execute(_qmark(operation.sql), operation.params)
         return cursor.rowcount
     if isinstance(operation, InsertRows):
-        if operation.rows:
-            one_row = "(" + placeholders(len(operation.columns)) + ")"
-            cursor.executemany(_qmark(operation.statement(one_row)), operation.rows)
+        _insert_rows(cursor, operation)
         return None
     raise TypeError("not an SQL operation: %r" % (operation,))
+
+
+def _insert_rows(cursor, operation):
+    """
+    Insert the rows of an L{InsertRows} as multi-row C{INSERT}s of at most
+    L{INSERT_ROWS} rows (and as many bound values as SQLite allows).
+
+    Not C{executemany}: it runs one statement per row, and C{sqlite3}
+    releases the GIL around each, so a batch of a thousand messages handed
+    the GIL to the reactor and waited to get it back thousands of times;
+    one statement per few hundred rows binds them all, then releases it
+    once.
+    """
+    rows = operation.rows
+    if not rows:
+        return
+    width = len(operation.columns)
+    limit = cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    size = max(1, min(INSERT_ROWS, limit // width))
+    one_row = "(" + ", ".join(["?"] * width) + ")"
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        sql = operation.statement(", ".join([one_row] * len(chunk)))
+        cursor.execute(_qmark(sql), [value for row in chunk for value in row])
 
 
 def _configure(connection):
