@@ -110,6 +110,26 @@ def machine_busy_seconds():
     return (sum(values[:8]) - idle) / CLK_TCK
 
 
+def database_cpu_seconds():
+    """
+    The CPU seconds of every running Postgres server process (its backends
+    included), by pid: the database's share of a phase, which the broker's
+    own CPU does not show.
+    """
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % (name,)) as f:
+                if f.read().strip() not in ("postgres", "postmaster"):
+                    continue
+            found[int(name)] = proc_cpu_seconds(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def own_cpu_seconds():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -120,10 +140,12 @@ class Probe:
     The broker's CPU, RSS and the machine's busy time between two points.
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid, database=False):
         self.pid = pid
+        self.database = database
 
     def start(self):
+        self.db0 = database_cpu_seconds() if self.database else {}
         self.hwm_reset = reset_peak_rss(self.pid)
         self.t0 = time.monotonic()
         self.cpu0 = proc_cpu_seconds(self.pid)
@@ -133,7 +155,14 @@ class Probe:
 
     def stop(self):
         elapsed = time.monotonic() - self.t0
+        database = None
+        if self.database:
+            # The processes there at both ends: the broker's connections
+            # and the server's own workers.
+            db1 = database_cpu_seconds()
+            database = sum(db1[pid] - cpu for pid, cpu in self.db0.items() if pid in db1)
         return {
+            "database_cpu_s": database,
             "elapsed_s": elapsed,
             "broker_cpu_s": proc_cpu_seconds(self.pid) - self.cpu0,
             "broker_rss_before_kb": self.rss0,
@@ -816,7 +845,7 @@ SCENARIOS = {
 
 async def run(spec):
     gen = Generator(spec)
-    probe = Probe(spec["pid"])
+    probe = Probe(spec["pid"], database=spec.get("database_cpu", False))
     try:
         return await asyncio.wait_for(SCENARIOS[spec["scenario"]](gen, spec, probe),
                                       spec["timeout"] + 600)

@@ -89,13 +89,17 @@ def print_table(document):
                              seeded["seed_s"], seeded["sent"], seeded["lost"],
                              seeded["duplicates_to_app"]))
         if name != "connections":
+            database = ""
+            if b.get("database_cpu_s") is not None and b.get("messages"):
+                database = ", Postgres CPU %.1f s (%.0f µs/msg)" % (
+                    b["database_cpu_s"], 1e6 * b["database_cpu_s"] / b["messages"])
             notes.append("%s: sent %d, lost %d, duplicate pushes %d, duplicates to app %d, "
-                         "ack errors %s, broker CPU %.1f s, machine busy %.1f s of %.1f s "
+                         "ack errors %s, broker CPU %.1f s%s, machine busy %.1f s of %.1f s "
                          "wall x %d cores" % (
                              name, b["sent"], b["lost"], b["duplicate_pushes"],
                              b["duplicates_to_app"], b["ack_errors"] or "none",
-                             b["broker_cpu_s"], b["machine_busy_cpu_s"], b["elapsed_s"],
-                             document["machine"]["cpus"]))
+                             b["broker_cpu_s"], database, b["machine_busy_cpu_s"],
+                             b["elapsed_s"], document["machine"]["cpus"]))
         else:
             notes.append("connections: %d/%d connected, %d still open after idle, failures %s, "
                          "RSS %+.0f MB" % (b["connected"], b["peers"], b["still_open"],

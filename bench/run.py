@@ -248,7 +248,9 @@ def run_scenario(name, target, size, args, workroot, seeded=False):
     server = Server(target, workdir, args.database_url if target == "broker" else None)
     spec = dict(size)
     spec.update({"scenario": GENERATOR_SCENARIO.get(name, name), "target": target,
-                 "host": "127.0.0.1"})
+                 "host": "127.0.0.1",
+                 # On Postgres the database's CPU is measured too.
+                 "database_cpu": bool(server.database_url)})
     seed_s = None
     profile_path = None
     if args.profile and target != "relay" and name in args.profile:
