@@ -160,6 +160,8 @@ class _Watcher(tprotocol.ProcessProtocol):
 
     def outReceived(self, data):
         self.log.write(data)
+        # Readable while the broker runs (log_text).
+        self.log.flush()
 
     errReceived = outReceived
 

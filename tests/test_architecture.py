@@ -22,6 +22,7 @@ CORE_MODULES = (
     "claudemesh.broker.events", "claudemesh.broker.hook", "claudemesh.broker.membership",
     "claudemesh.broker.outbox", "claudemesh.broker.presence", "claudemesh.broker.sessions",
     "claudemesh.broker.status", "claudemesh.broker.groupcommit", "claudemesh.broker.cluster",
+    "claudemesh.broker.remote",
 )
 CORE_FORBIDDEN = ("autobahn", "twisted.web", "twisted.enterprise", "txpostgres", "psycopg2",
                   "sqlite3", "socket")

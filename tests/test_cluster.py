@@ -6,8 +6,11 @@ Postgres: node start-up, heartbeat, a dead node's sessions reaped, and
 notices between nodes.
 """
 
+import json
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from claudemesh import crypto, protocol
 from claudemesh.broker import cluster
 from claudemesh.broker.cluster import HEARTBEAT_SECONDS, NODE_TIMEOUT_SECONDS, LocalHub
 from claudemesh.store.records import NodeRecord, SessionRecord
@@ -168,3 +171,262 @@ class LocalHubTests(SynchronousTestCase):
         fx.broker.cluster.notice("test", "m1")
         self.assertEqual(fx.broker.writes._queued["notice"], [])
         self.assertTrue(cluster.LocalBackplane().single_process)
+
+
+class CrossNodeTests(SynchronousTestCase):
+    """
+    What a peer sees and does, with its peers on other nodes: the same
+    frames, codes and strings as on one node.
+    """
+
+    def setUp(self):
+        self.fx = ClusterFixture(3, send_rate_limit_per_min=0)
+        node0 = self.fx.nodes[0]
+        self.owner = node0.create_mesh()
+        self.alice = node0.add_member(self.owner, "alice")
+        self.bob = self.fx.peer_on(1, node0.add_member(self.owner, "bob"))
+        self.carol = self.fx.peer_on(2, node0.add_member(self.owner, "carol"))
+
+    def connect(self, *peers, **kwargs):
+        for peer in peers:
+            peer.connect(**kwargs)
+            self.fx.flush()
+
+    def test_direct_message(self):
+        """A DM to a member whose session is on another node is claimed and pushed there."""
+        self.connect(self.alice, self.bob)
+        ack = self.alice.send(self.bob.pubkey, b"hi bob")
+        self.fx.flush()
+        self.assertTrue(ack["queued"])
+        [push] = self.bob.connection.messages()
+        self.assertEqual(push["senderMemberPubkey"], self.alice.pubkey)
+        self.bob.ack_all()
+        self.fx.flush()
+        status = self.alice.request({"type": "message_status", "messageId": ack["messageId"]})
+        self.assertEqual([r["status"] for r in status["recipients"]], ["delivered"])
+
+    def test_session_key_message(self):
+        """A DM to a session key held on another node reaches that session."""
+        self.connect(self.alice)
+        self.connect(self.bob, session_key=True)
+        self.alice.send(self.bob.session_identity.pubkey, b"to your session")
+        self.fx.flush()
+        self.assertEqual(len(self.bob.connection.messages()), 1)
+
+    def test_broadcast_and_group(self):
+        """A broadcast reaches every node; a group message only its members, wherever they are."""
+        self.connect(self.alice)
+        self.connect(self.bob, groups=[{"name": "ops"}])
+        self.connect(self.carol)
+        self.alice.send("*", b"all")
+        self.alice.send("@ops", b"ops only")
+        self.fx.flush()
+        self.assertEqual([p["targetSpec"] for p in self.bob.connection.messages()],
+                         ["*", "@ops"])
+        self.assertEqual([p["targetSpec"] for p in self.carol.connection.messages()], ["*"])
+
+    def test_order_across_nodes(self):
+        """Many DMs to a peer on another node arrive once each, in the order sent."""
+        self.connect(self.alice, self.bob)
+        ids = [self.alice.send(self.bob.pubkey, b"m%d" % i)["messageId"] for i in range(30)]
+        self.fx.flush()
+        self.bob.ack_all()
+        self.fx.flush()
+        self.assertEqual([p["messageId"] for p in self.bob.connection.messages()], ids)
+
+    def test_presence_and_peers_list(self):
+        """Peers on other nodes are announced, listed, and their departure heard."""
+        self.connect(self.alice)
+        self.connect(self.bob)
+        [joined] = self.alice.connection.events("peer_joined")
+        self.assertEqual(joined["eventData"]["name"], "bob")
+        self.connect(self.carol)
+        peers = self.alice.request({"type": "list_peers"})["peers"]
+        self.assertEqual(sorted(p["displayName"] for p in peers), ["alice", "bob", "carol"])
+        self.bob.leave()
+        self.fx.flush()
+        [left] = self.alice.connection.events("peer_left")
+        self.assertEqual(left["eventData"]["name"], "bob")
+        self.assertEqual([e["eventData"]["name"] for e in self.carol.connection.events(
+            "peer_left")], ["bob"])
+        peers = self.alice.request({"type": "list_peers"})["peers"]
+        self.assertEqual(sorted(p["displayName"] for p in peers), ["alice", "carol"])
+
+    def test_status_seen_elsewhere(self):
+        """A status change on one node shows in peers_list and to watchers on the others."""
+        self.connect(self.alice)
+        watcher = self.fx.peer_on(2, self.owner)
+        self.connect(watcher, watch=True, session_id="ui")
+        self.connect(self.bob)
+        self.bob.request({"type": "set_status", "status": "working", "source": "manual"})
+        self.fx.flush()
+        [peer] = [p for p in self.alice.request({"type": "list_peers"})["peers"]
+                  if p["displayName"] == "bob"]
+        self.assertEqual(peer["status"], "working")
+        statuses = [e["eventData"]["status"] for e in watcher.connection.events("peer_status")
+                    if e["eventData"]["displayName"] == "bob"]
+        self.assertEqual(statuses[-1], "working")
+
+    def test_replacement_across_nodes(self):
+        """A hello on another node with the same session takes it over: 1000 session_replaced."""
+        self.connect(self.alice)
+        bob_here = self.fx.peer_on(0, self.bob)
+        self.connect(bob_here)
+        first = bob_here.connection
+        self.alice.connection.clear()
+        ack = self.bob.connect()
+        self.fx.flush()
+        self.assertTrue(ack.get("restored"))
+        self.assertEqual(first.closed, (1000, "session_replaced"))
+        self.assertEqual(self.alice.connection.events(), [])
+        peers = self.alice.request({"type": "list_peers"})["peers"]
+        self.assertEqual([p["displayName"] for p in peers].count("bob"), 1)
+        self.alice.send(self.bob.pubkey)
+        self.fx.flush()
+        self.assertEqual(len(self.bob.connection.messages()), 1)
+
+    def test_kick_and_ban_across_nodes(self):
+        """A kick or ban on one node closes the target's session on another with its code."""
+        self.connect(self.owner, self.bob, self.carol)
+        reply = self.owner.request({"type": "kick", "target": "bob"})
+        self.fx.flush()
+        self.assertEqual(reply["kicked"], ["bob"])
+        self.assertEqual(self.bob.connection.closed[0], protocol.CLOSE_KICKED)
+        self.owner.request({"type": "ban", "target": "carol"})
+        self.fx.flush()
+        self.assertEqual(self.carol.connection.closed,
+                         (protocol.CLOSE_BANNED, protocol.REASON_BANNED))
+        [error] = self.carol.connection.of_type("error")
+        self.assertEqual(error["code"], "revoked")
+        # Banned on every node: a new hello through node 2 is refused.
+        refusal = self.assertRaises(protocol.Refusal, self.carol.connect)
+        self.assertEqual(refusal.code, "revoked")
+
+    def test_join_elsewhere_then_hello(self):
+        """A member who joined a moment ago through another node is known at its hello."""
+        self.connect(self.alice)
+        dave = self.fx.nodes[1].add_member(self.owner, "dave")
+        self.fx.hub.dropping = True
+        dave_on0 = self.fx.peer_on(0, dave)
+        ack = dave_on0.connect()
+        self.fx.hub.dropping = False
+        self.assertEqual(ack["memberDisplayName"], "dave")
+
+    def test_hook_for_session_elsewhere(self):
+        """A signed hook report arriving at one node sets the status of a session on another."""
+        self.connect(self.alice, self.bob)
+        body = json.dumps({"status": "working", "session_id": "s1"}).encode()
+        now = self.fx.nodes[0].now_ms()
+        signature = self.bob.identity.sign(crypto.hook_string(self.bob.mesh.id, now, body))
+        results = []
+        self.fx.nodes[0].broker.hooks.report(self.bob.mesh.id, self.bob.pubkey, now, signature,
+                                             body).addBoth(results.append)
+        self.fx.flush()
+        self.assertEqual(results[0]["ok"], True)
+        self.assertEqual(self.bob.session.status.status, "working")
+
+    def test_connection_limit_across_nodes(self):
+        """The per-mesh connection limit counts every node's sessions."""
+        fx = ClusterFixture(2, max_connections_per_mesh=2)
+        owner = fx.nodes[0].create_mesh()
+        alice = fx.peer_on(1, fx.nodes[0].add_member(owner, "alice"))
+        bob = fx.nodes[0].add_member(owner, "bob")
+        owner.connect()
+        fx.flush()
+        alice.connect()
+        fx.flush()
+        refusal = self.assertRaises(protocol.Refusal, bob.connect)
+        self.assertEqual(refusal.code, "capacity")
+
+
+class FailureTests(SynchronousTestCase):
+    """
+    A node that dies, and notices that are lost.
+    """
+
+    def setUp(self):
+        self.fx = ClusterFixture(2)
+        node0 = self.fx.nodes[0]
+        self.owner = node0.create_mesh()
+        self.alice = node0.add_member(self.owner, "alice")
+        self.bob = self.fx.peer_on(1, node0.add_member(self.owner, "bob"))
+
+    def kill(self, index):
+        """
+        The node stops dead: no heartbeat, no notices, nothing written.
+        """
+        node = self.fx.nodes[index]
+        cluster = node.broker.cluster
+        cluster._started = False
+        if cluster._heartbeat is not None:
+            cluster._heartbeat.cancel()
+        self.fx.hub.leave(cluster.backplane)
+        node.broker.writes._store = DeadStore()
+
+    def test_dead_node_redelivers(self):
+        """
+        kill -9 of the recipient's node with a push unacknowledged: the
+        survivor says peer_left within the timeout, and the session coming
+        back through it gets the message again — nothing lost.
+        """
+        self.alice.connect()
+        self.fx.flush()
+        self.bob.connect()
+        self.fx.flush()
+        ack = self.alice.send(self.bob.pubkey, b"important")
+        self.fx.flush()
+        self.assertEqual(len(self.bob.connection.messages()), 1)
+        self.kill(1)
+        self.fx.advance(NODE_TIMEOUT_SECONDS + 2 * HEARTBEAT_SECONDS)
+        self.assertEqual([e["eventData"]["name"] for e in self.alice.connection.events(
+            "peer_left")], ["bob"])
+        back = self.fx.peer_on(0, self.bob)
+        back.connect()
+        self.fx.flush()
+        self.assertEqual([p["messageId"] for p in back.connection.messages()],
+                         [ack["messageId"]])
+
+    def test_reconnect_before_reaping(self):
+        """A client that reconnects elsewhere before its dead node is found keeps its session."""
+        self.alice.connect()
+        self.fx.flush()
+        self.bob.connect()
+        self.fx.flush()
+        self.alice.send(self.bob.pubkey, b"first")
+        self.fx.flush()
+        self.kill(1)
+        back = self.fx.peer_on(0, self.bob)
+        ack = back.connect()
+        self.fx.flush()
+        self.assertTrue(ack.get("restored"))
+        self.assertEqual(len(back.connection.messages()), 1)
+
+    def test_lost_notices_rescanned(self):
+        """
+        Notices lost (the listening connection dropped): after the re-scan
+        the other node's newcomer is announced and its messages delivered.
+        """
+        self.alice.connect()
+        self.fx.flush()
+        self.fx.hub.dropping = True
+        self.bob.connect()
+        self.fx.flush()
+        self.bob.send(self.alice.pubkey, b"while you were deaf")
+        self.fx.flush()
+        self.assertEqual(self.alice.connection.messages(), [])
+        self.fx.hub.dropping = False
+        self.fx.nodes[0].broker.cluster.rescan()
+        self.fx.flush()
+        self.assertEqual(len(self.alice.connection.messages()), 1)
+        self.assertEqual([e["eventData"]["name"] for e in self.alice.connection.events(
+            "peer_joined")], ["bob"])
+
+
+class DeadStore:
+    """
+    The store of a node that is dead: nothing it queued is ever written.
+    """
+
+    def write_batch(self, batch):
+        from twisted.internet import defer
+        return defer.Deferred()

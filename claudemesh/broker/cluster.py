@@ -189,7 +189,7 @@ class Cluster:
         """
         Queue a notice for the other nodes, sent with the next batch.
         """
-        if self.clustered:
+        if self.clustered and not (kind == "wake" and not data.get("u")):
             self._writes.notice(Notice(self.node_id, kind, mesh_id, data))
 
     # -- start and stop --------------------------------------------------------

@@ -17,7 +17,10 @@ clock. The parts, each in its own module, and who they call:
     -> Presence;
   - L{AuditLog} (auditlog): reading and verifying the audit chain;
   - L{MeshKeys} (meshkeys): mesh key epochs and their rotation (issue 17);
-    Delivery asks it about stale epochs, Presence for the hello_ack's epoch.
+    Delivery asks it about stale epochs, Presence for the hello_ack's epoch;
+  - L{Cluster} (cluster): this node among the others on one database, its
+    heartbeat and notices; L{RemotePresence} (remote) acts on the others'
+    notices (issue 15). The parts queue notices through C{notify}.
 
 docs/design.md draws the whole house.
 """
@@ -33,6 +36,7 @@ from claudemesh.broker.hook import HookStatus
 from claudemesh.broker.membership import Membership
 from claudemesh.broker.meshkeys import MeshKeys
 from claudemesh.broker.presence import Presence
+from claudemesh.broker.remote import RemotePresence
 from claudemesh.broker.replay import LocalReplayMemory
 from claudemesh.broker.sessions import IPeerConnection, MeshDirectory
 from claudemesh.broker.status import StatusBoard
@@ -74,17 +78,25 @@ class Broker(service.Service):
                                backplane if backplane is not None else LocalBackplane(),
                                node_name, hostname, metrics)
         self.meshes = MeshDirectory(store)
+        notify = self.cluster.notice
+        if self.cluster.clustered:
+            # Meshes load with the sessions other nodes hold.
+            self.meshes.node_id = self.cluster.node_id
         self.mesh_keys = MeshKeys(store, self.writes, clock, self.meshes, self.cluster)
         self.delivery = Delivery(self.meshes, self.writes, store, clock, settings, metrics,
-                                 key_epochs=self.mesh_keys.refuse_send)
-        self.status = StatusBoard(self.meshes, self.writes, self.delivery, clock, settings)
-        self.hooks = HookStatus(self.meshes, self.status, clock, settings, self.replays)
+                                 key_epochs=self.mesh_keys.refuse_send, notify=notify)
+        self.status = StatusBoard(self.meshes, self.writes, self.delivery, clock, settings,
+                                  notify=notify)
+        self.hooks = HookStatus(self.meshes, self.status, clock, settings, self.replays,
+                                notify=notify)
         self.presence = Presence(self.meshes, self.writes, store, self.delivery, self.hooks,
                                  clock, settings, self.replays, metrics,
                                  hello_fields=self.mesh_keys.hello_fields,
-                                 node_id=self.cluster.node_id)
+                                 node_id=self.cluster.node_id, notify=notify)
         self.membership = Membership(self.meshes, store, self.writes, self.presence, clock,
-                                     settings, self.replays)
+                                     settings, self.replays, notify=notify)
+        self.remote = RemotePresence(self.meshes, store, self.cluster, self.presence,
+                                     self.delivery, self.membership, self.hooks, clock, settings)
         self.audit = AuditLog(store, self.writes, settings)
         self._sweeper = None
         self.cluster.on_rescan(self._rescan)

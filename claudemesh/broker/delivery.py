@@ -66,8 +66,15 @@ class Delivery:
     _log = Logger()
 
     def __init__(self, meshes, writes, store, clock, settings, metrics=None,
-                 key_epochs=lambda session, frame, broadcast: None):
+                 key_epochs=lambda session, frame, broadcast: None,
+                 notify=lambda kind, mesh_id, **data: None):
+        """
+        @param notify: C{notify(kind, mesh_id, **data)} queues a notice for
+            the other nodes of the cluster (L{claudemesh.broker.cluster}):
+            here, C{wake} for members whose sessions elsewhere may claim.
+        """
         self._key_epochs = key_epochs
+        self._notify = notify
         self._meshes = meshes
         self._writes = writes
         self._store = store
@@ -125,7 +132,24 @@ class Delivery:
         behind the release, so they see it.
         """
         self._writes.release_leases(session.presence_id)
-        self.wake_member(session.mesh, session.member.id)
+        self.offer(session.mesh, session.member.id)
+
+    def offer(self, mesh, member_id):
+        """
+        Offer the member's queued deliveries to its sessions on this node
+        and, through a notice, on the others.
+        """
+        self.wake_member(mesh, member_id)
+        self.wake_elsewhere(mesh, [member_id])
+
+    def wake_elsewhere(self, mesh, member_ids):
+        """
+        Tell the other nodes holding sessions of these members that
+        deliveries may wait for them (sent with the batch that stores them).
+        """
+        elsewhere = sorted({m for m in member_ids if mesh.remote_of(m)}) if mesh.remote else ()
+        if elsewhere:
+            self._notify("wake", mesh.id, u=elsewhere)
 
     def wake(self, session):
         """
@@ -252,6 +276,12 @@ class Delivery:
             "targetSpec": frame.targetSpec, "priority": frame.priority,
             "bytes": len(frame.ciphertext)}, now)
         d = self._writes.enqueue(message, audit)
+        # Recipients on other nodes claim it there, woken by a notice sent
+        # with the batch that stores it: every recipient no session here
+        # took it for, since this node may not have heard yet of a session
+        # that said hello elsewhere a moment ago.
+        self._notify("wake", session.mesh.id, u=sorted(
+            {delivery.member_id for delivery, taker in routed if taker is None}))
         # Recipients whose outbox was busy: their next claim, queued behind
         # this message, finds it.
         for recipient in busy:
@@ -306,7 +336,7 @@ class Delivery:
             if group is not None and not protocol.is_valid_group(group):
                 return None, ()
             members = set()
-            for s in mesh.sessions.values():
+            for s in mesh.everyone():
                 if s.announced and s.member.id != sender.member.id:
                     if group is None or any(group_matches(g, group) for g in s.groups):
                         members.add(s.member.id)
@@ -334,6 +364,17 @@ class Delivery:
         overtaken), which is then added to C{busy}.
         """
         best = None
+        if mesh.remote:
+            # A session on another node may be claiming this member's
+            # deliveries right now: a fresh lease here could overtake what
+            # it is about to take, so the delivery waits in the queue and
+            # every session of the member is woken to claim.
+            elsewhere = [r for r in mesh.remote_of(member_id)
+                         if session_pubkey is None or r.session_pubkey == session_pubkey]
+            if elsewhere:
+                busy.extend(s for s in mesh.sessions_of(member_id) if s.live and s is not sender
+                            and s.outbox is not None)
+                return None
         for s in mesh.sessions_of(member_id):
             if not s.live or s is sender:
                 continue
@@ -403,7 +444,7 @@ class Delivery:
                 del session.inflight[mid]
             if self._metrics is not None:
                 self._metrics.redeliveries.inc(len(expired))
-            self.wake_member(session.mesh, session.member.id)
+            self.offer(session.mesh, session.member.id)
         self._send_buckets.sweep()
 
     @defer.inlineCallbacks

@@ -60,12 +60,16 @@ class HookStatus:
         are signals to.
     """
 
-    def __init__(self, meshes, status, clock, settings, replays):
+    def __init__(self, meshes, status, clock, settings, replays,
+                 notify=lambda kind, mesh_id, **data: None):
         """
         @param replays: the L{IReplayMemory} each signed report is used once
             through.
+        @param notify: queues a notice for the other nodes (issue 15): a
+            report about a session another node holds goes there (C{hook}).
         """
         self._replays = replays
+        self._notify = notify
         self._meshes = meshes
         self._status = status
         self._clock = clock
@@ -113,7 +117,9 @@ class HookStatus:
         status = payload["status"]
         cwd, pid, session_id = payload["cwd"], payload["pid"], payload["session_id"]
         # A watching session (claudemesh ui) is nobody's Claude Code session.
-        mine = [s for s in mesh.sessions_of(member.id) if not s.watch]
+        # On every node (issue 15): the hook may reach any of them.
+        mine = [s for s in mesh.sessions_of(member.id) + mesh.remote_of(member.id)
+                if not s.watch]
         target = None
         if session_id:
             # The caller's own sessions only: session ids are client-chosen
@@ -131,9 +137,31 @@ class HookStatus:
         if target is None:
             if session_id:
                 self.pending[(mesh.id, member.id, session_id)] = (status, now)
+                # Its hello may come through another node.
+                self._notify("hook", mesh.id, u=member.id, sid=session_id, s=status)
             return {"ok": True, "pending": True}
+        if target.remote:
+            # Another node holds it: the report goes there.
+            self._notify("hook", mesh.id, u=member.id, p=target.presence_id, s=status)
+            return {"ok": True, "presence_id": target.presence_id, "status": status}
         self._status.signal(target, status, "hook")
         return {"ok": True, "presence_id": target.presence_id, "status": target.status.status}
+
+    def noticed(self, mesh, notice):
+        """
+        A C{hook} notice from another node: a report about a session held
+        here, or one to keep until its hello.
+        """
+        data = notice.data
+        status = data.get("s")
+        if status not in protocol.STATUSES:
+            return
+        if data.get("p"):
+            session = mesh.sessions.get(data["p"])
+            if session is not None:
+                self._status.signal(session, status, "hook")
+        elif data.get("sid") and data.get("u"):
+            self.pending[(mesh.id, str(data["u"]), str(data["sid"]))] = (status, self._now())
 
     def apply_pending(self, session):
         """

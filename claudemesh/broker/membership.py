@@ -52,12 +52,18 @@ class Membership:
 
     _log = Logger()
 
-    def __init__(self, meshes, store, writes, presence, clock, settings, replays):
+    def __init__(self, meshes, store, writes, presence, clock, settings, replays,
+                 notify=lambda kind, mesh_id, **data: None):
         """
         @param replays: the L{IReplayMemory} a mesh creation and a join
             are each used once through.
+        @param notify: queues a notice for the other nodes (issue 15):
+            C{mesh} when members changed (they re-read them, and end their
+            own sessions of a banned or departed member), C{end} for the
+            sessions of theirs a disconnect or kick ends.
         """
         self._replays = replays
+        self._notify = notify
         self._meshes = meshes
         self._store = store
         self._writes = writes
@@ -122,7 +128,7 @@ class Membership:
             if member.display_name == target or key_matches(member.pubkey, target):
                 found[member.id] = member
         if not revoked:
-            for s in mesh.sessions.values():
+            for s in mesh.everyone():
                 member = mesh.members.get(s.member.id)
                 if member is None or member.revoked_at is not None:
                     continue
@@ -270,6 +276,10 @@ class Membership:
             raise Refusal("invite_mesh_mismatch", "the invite belongs to another mesh")
         mesh = yield self._meshes.load(invite.mesh_id)
         inviter = mesh.members.get(invite.created_by) if mesh is not None else None
+        if inviter is None and mesh is not None and self._meshes.node_id is not None:
+            # The inviter joined through another node a moment ago.
+            yield self._meshes.reload_members(mesh)
+            inviter = mesh.members.get(invite.created_by)
         # The token must say what the broker's own row says, and be signed by
         # the member who asked for it.
         if (inviter is None or token["role"] != invite.role
@@ -311,6 +321,7 @@ class Membership:
                 raise Refusal("invite_exhausted", "the invite has no uses left")
             found = outcome.member
         mesh.put_member(found)
+        self._notify("mesh", mesh.id)
         if found.revoked_at is not None:
             raise Refusal("revoked", protocol.revoked_message(mesh.name),
                           close=(protocol.CLOSE_BANNED, protocol.REASON_BANNED))
@@ -343,6 +354,7 @@ class Membership:
             # with the change (IStore.set_member_role).
             yield self._store.set_member_role(target.id, frame.role, self._now(), [changed])
         mesh.put_member(attr.evolve(target, role=frame.role))
+        self._notify("mesh", mesh.id)
         return protocol.SetRoleAck(target=target.display_name, role=frame.role).to_wire()
 
     @defer.inlineCallbacks
@@ -356,6 +368,7 @@ class Membership:
             mesh.id, "member_left", member.id, {"pubkey": member.pubkey,
                                                 "name": member.display_name})])
         mesh.drop_member(member)
+        self._notify("mesh", mesh.id)
         self._presence.forget_member_keys(mesh, member.id)
         for s in mesh.sessions_of(member.id):
             if s is not session:
@@ -368,7 +381,7 @@ class Membership:
     def list_members(self, session, frame):
         mesh = session.mesh
         # A watching session (claudemesh ui) does not make its member online.
-        online = {s.member.id for s in mesh.sessions.values() if s.live and not s.watch}
+        online = {s.member.id for s in mesh.everyone() if s.live and not s.watch}
         members = [m for m in mesh.members.values() if m.revoked_at is None]
         return pages.page(
             protocol.MembersList(members=[]).to_wire(), "members", members, self._budget(),
@@ -393,7 +406,8 @@ class Membership:
         if frame.target is not None:
             member, only = self.resolve(mesh, frame.target)
             self._check_target(session, member, verb)
-            chosen = only if only is not None else mesh.sessions_of(member.id)
+            chosen = only if only is not None else (
+                mesh.sessions_of(member.id) + mesh.remote_of(member.id))
             # One-shot commands (never listed as peers) end by themselves
             # within seconds; they are nobody's presence.
             chosen = [s for s in chosen if s.listed]
@@ -401,7 +415,7 @@ class Membership:
             if frame.stale is not None:
                 reason += "_stale"
             chosen = []
-            for s in mesh.sessions.values():
+            for s in mesh.everyone():
                 if s.member.id == session.member.id or s.member.role == "owner":
                     continue
                 if s.member.role == "admin" and session.member.role != "owner":
@@ -423,8 +437,13 @@ class Membership:
         # also ends sessions in grace, which is not ending a connected one.
         detail = [{"name": s.display_name, "memberPubkey": s.member.pubkey,
                    "sessionId": s.session_id, "online": s.live} for s in chosen]
+        elsewhere = [s.presence_id for s in chosen if s.remote]
+        if elsewhere:
+            # Their nodes end them, with the same code and reason.
+            self._notify("end", mesh.id, p=elsewhere, c=code, r=reason, e=ending)
         for s in chosen:
-            self._presence.end_connection(s, code, reason, ending)
+            if not s.remote:
+                self._presence.end_connection(s, code, reason, ending)
         if chosen:
             self._audit(mesh.id, "member_%s" % (PAST[verb],), session.member.id, {
                 "targets": sorted({s.member.pubkey for s in chosen}), "count": len(chosen),
@@ -447,13 +466,31 @@ class Membership:
             mesh.id, "member_banned", session.member.id, {
                 "target": member.display_name, "targetPubkey": member.pubkey})])
         mesh.put_member(attr.evolve(member, revoked_at=now))
+        # The other nodes re-read the members and end theirs the same way.
+        self._notify("mesh", mesh.id)
+        self.end_banned(mesh, member)
+        return protocol.BanAck(banned=member.display_name).to_wire()
+
+    def end_banned(self, mesh, member):
+        """
+        End this node's sessions of a banned member: C{error revoked}, then
+        close 4001.
+        """
         error = protocol.error_frame("revoked", protocol.revoked_message(mesh.name))
         for s in mesh.sessions_of(member.id):
             if s.live:
                 s.connection.send(error)
             self._presence.end_connection(
                 s, protocol.CLOSE_BANNED, protocol.REASON_BANNED, "banned")
-        return protocol.BanAck(banned=member.display_name).to_wire()
+
+    def end_departed(self, mesh, member):
+        """
+        End this node's sessions of a member who left (through another
+        node).
+        """
+        self._presence.forget_member_keys(mesh, member.id)
+        for s in mesh.sessions_of(member.id):
+            self._presence.end_connection(s, protocol.CLOSE_NORMAL, "left", "left")
 
     @defer.inlineCallbacks
     def unban(self, session, frame):
@@ -466,6 +503,7 @@ class Membership:
             mesh.id, "member_unbanned", session.member.id, {
                 "target": member.display_name, "targetPubkey": member.pubkey})])
         mesh.put_member(attr.evolve(member, revoked_at=None))
+        self._notify("mesh", mesh.id)
         return protocol.UnbanAck(unbanned=member.display_name).to_wire()
 
     def list_bans(self, session, frame):

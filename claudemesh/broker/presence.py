@@ -45,12 +45,18 @@ class Presence:
 
     def __init__(self, meshes, writes, store, delivery, hooks, clock, settings, replays,
                  metrics=None, hello_fields=lambda mesh, member: defer.succeed({}),
-                 node_id=""):
+                 node_id="", notify=lambda kind, mesh_id, **data: None):
         """
         @param replays: the L{IReplayMemory} each signed hello is used once
             through.
+        @param node_id: this node's id (issue 15), in each session's row.
+        @param notify: queues a notice for the other nodes of the cluster
+            (L{claudemesh.broker.cluster}): C{sess} when a session comes,
+            changes or goes, C{repl} when a hello here replaces a session
+            another node holds.
         """
         self._replays = replays
+        self._notify = notify
         self._node_id = node_id
         self._hello_fields = hello_fields
         self._meshes = meshes
@@ -104,6 +110,12 @@ class Presence:
             raise refuse("bad_signature", "hello rejected: bad_signature")
         mesh = yield self._meshes.load(hello.meshId)
         member = mesh.members_by_pubkey.get(hello.pubkey) if mesh is not None else None
+        if member is None and mesh is not None and self._meshes.node_id is not None:
+            # Joined through another node a moment ago, before its notice
+            # arrived here (issue 15): the store knows.
+            member = yield self._store.find_member(mesh.id, hello.pubkey)
+            if member is not None:
+                mesh.put_member(member)
         if member is None or member.id != hello.memberId:
             raise refuse("unauthorized", "pubkey not found in mesh")
         if member.revoked_at is not None:
@@ -217,25 +229,49 @@ class Presence:
             self._writes.update_session(existing.presence_id, {
                 "display_name": display_name, "last_active_at": now,
                 "groups": tuple(sorted(existing.groups))})
+            self._notify("sess", mesh.id, p=existing.presence_id)
             self._hooks.apply_pending(existing)
             return existing, True
 
+        # The same session on another node (issue 15): this hello replaces
+        # it there, and nobody hears it leave or come.
+        elsewhere = next((r for r in mesh.remote_of(member.id)
+                          if r.session_id == hello.sessionId), None)
         session = Session(mesh, member, hello, new_id(), now, display_name, self._node_id)
         session.connection = connection
         mesh.add_session(session)
+        if elsewhere is not None:
+            del mesh.remote[elsewhere.presence_id]
+            session.status, session.summary = elsewhere.status, elsewhere.summary
+            if not hello.groups:
+                session.groups = dict(elsewhere.groups)
+            self._delivery.attach(session)
+            self._hooks.apply_pending(session)
+            self._writes.open_session(session.record())
+            # Its row closes here, its leases going back, whether its node
+            # is alive to close the connection (1000 session_replaced) or
+            # died (kill -9) before anyone noticed.
+            self._writes.close_session(elsewhere.presence_id, now)
+            self._notify("repl", mesh.id, p=elsewhere.presence_id, by=session.presence_id)
+            self._notify("sess", mesh.id, p=session.presence_id)
+            return session, True
         if session.session_pubkey:
             mesh.session_keys[session.session_pubkey] = member.id
         self._delivery.attach(session)
         self._hooks.apply_pending(session)
         self._writes.open_session(session.record())
+        if not session.listed:
+            self._notify("sess", mesh.id, p=session.presence_id)
         if session.listed:
             departed = mesh.departed.pop((member.id, session.session_id), None)
             event = "peer_returned" if departed is not None else "peer_joined"
             data = peer_event_data(session)
+            extra = {}
             if departed is not None:
-                data["lastSeenAt"] = iso_millis(departed[0])
-                data["summary"] = departed[1]
+                extra = {"lastSeenAt": iso_millis(departed[0]), "summary": departed[1]}
+                data.update(extra)
             broadcast_system(session, event, data, now)
+            self._notify("sess", mesh.id, p=session.presence_id, e=event, x=extra)
             self._writes.audit(AuditEvent(mesh.id, "peer_joined", member.id, {
                 "pubkey": session.pubkey, "groups": sorted(session.groups),
                 "restored": departed is not None}, now))
@@ -284,6 +320,8 @@ class Presence:
         session.grace_call = None
         now = self._now()
         self._writes.close_session(session.presence_id, now)
+        self._notify("sess", mesh.id, p=session.presence_id, c=True,
+                     e="peer_left" if session.listed else None)
         if session.listed:
             mesh.departed[(session.member.id, session.session_id)] = (now, session.summary)
             if len(mesh.departed) > DEPARTED_KEPT:
@@ -309,10 +347,30 @@ class Presence:
         elif ending != "grace":
             self._end_session(session)
 
+    def replaced_elsewhere(self, session):
+        """
+        A hello on another node took this session over (issue 15): its
+        connection closes with 1000 C{session_replaced}, and it leaves this
+        node without a word (the other node closed its row).
+        """
+        mesh = session.mesh
+        if not mesh.remove_session(session):
+            return
+        if session.grace_call is not None and session.grace_call.active():
+            session.grace_call.cancel()
+        session.grace_call = None
+        connection, session.connection = session.connection, None
+        session.ending = "replaced"
+        self._delivery.detach(session)
+        if connection is not None:
+            connection.close(protocol.CLOSE_NORMAL, protocol.REASON_SESSION_REPLACED)
+            if self._metrics is not None:
+                self._metrics.connections_active.dec()
+
     # -- peers ---------------------------------------------------------------------
 
     def list_peers(self, session, frame):
-        listed = [s for s in session.mesh.sessions.values() if s.listed or s is session]
+        listed = [s for s in session.mesh.everyone() if s.listed or s is session]
         return pages.page(protocol.PeersList(peers=[]).to_wire(), "peers", listed,
                           self._settings.max_message_bytes, peer_row,
                           lambda s: (s.connected_at, s.order), (int, int), frame.cursor)
@@ -343,6 +401,9 @@ class Presence:
                     connection.close(protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTTING_DOWN)
                     closing += 1
                 self._writes.close_session(session.presence_id, now)
+                # The other nodes drop it silently: its client comes back
+                # through one of them in a moment.
+                self._notify("sess", mesh.id, p=session.presence_id, c=True)
             mesh.clear_sessions()
         if self._metrics is not None:
             self._metrics.connections_active.set(0)

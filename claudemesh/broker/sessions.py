@@ -83,6 +83,8 @@ class Session:
     # Sessions in the order this process made them: with connected_at, the
     # sort key of peers_list (and of its page cursors).
     _made = itertools.count(1)
+    # Held by this node (a RemoteSession is another node's).
+    remote = False
 
     def __init__(self, mesh, member, hello, presence_id, now, display_name, node_id=""):
         self.order = next(self._made)
@@ -175,10 +177,61 @@ class Session:
         )
 
 
+class RemoteSession:
+    """
+    A session another node of the cluster holds (issue 15), as its row in
+    the C{sessions} table says: what routing, C{peers_list}, presence
+    events, moderation and the hook need to know of it. It has no
+    connection here; what is done to it is a notice to its node. It counts
+    as live while its row is open (in grace on its node, too).
+    """
+
+    live = True
+    remote = True
+    connection = None
+    outbox = None
+    grace_call = None
+    ending = None
+
+    def __init__(self, mesh, member, record):
+        self.order = next(Session._made)
+        self.mesh = mesh
+        self.member = member
+        self.update(record)
+
+    def update(self, record):
+        self.record = record
+        self.presence_id = record.presence_id
+        self.node_id = record.node_id
+        self.session_id = record.session_id
+        self.session_pubkey = record.session_pubkey
+        self.claude_session_id = record.claude_session_id
+        self.display_name = record.display_name
+        self.pid = record.pid
+        self.cwd = record.cwd
+        self.hostname = record.hostname
+        self.peer_type = record.peer_type
+        self.channel = record.channel
+        self.model = record.model
+        self.groups = {name: None for name in record.groups}
+        self.receive = record.receive
+        self.watch = record.watch
+        self.presence = record.presence
+        self.status = StatusState(record.status, record.status_source, record.status_updated_at)
+        self.summary = record.summary
+        self.connected_at = record.connected_at
+        self.last_active_at = record.last_active_at
+
+    pubkey = Session.pubkey
+    announced = Session.announced
+    listed = Session.listed
+
+
 class MeshState:
     """
     What the broker holds in memory for one mesh: its record, its members and
-    its sessions (live or in grace).
+    its sessions (live or in grace) — this node's, and other nodes'
+    (L{RemoteSession}s, in C{remote}).
     """
 
     def __init__(self, record, members):
@@ -194,6 +247,8 @@ class MeshState:
         self.session_keys = {}
         # (member id, session id) of sessions that ended: last seen, summary.
         self.departed = {}
+        # presence id -> RemoteSession: the sessions other nodes hold.
+        self.remote = {}
 
     @property
     def id(self):
@@ -209,7 +264,7 @@ class MeshState:
             self.members_by_pubkey.pop(old.pubkey, None)
         self.members[member.id] = member
         self.members_by_pubkey[member.pubkey] = member
-        for session in self.sessions_of(member.id):
+        for session in self.sessions_of(member.id) + self.remote_of(member.id):
             session.member = member
 
     def drop_member(self, member):
@@ -217,7 +272,38 @@ class MeshState:
         self.members_by_pubkey.pop(member.pubkey, None)
 
     def live_count(self):
-        return sum(1 for s in self.sessions.values() if s.live)
+        """
+        The connections of the mesh, on every node (another node's session
+        in grace counts too: its row does not say).
+        """
+        return sum(1 for s in self.sessions.values() if s.live) + len(self.remote)
+
+    def everyone(self):
+        """
+        Every session of the mesh, this node's and other nodes'.
+        """
+        return list(self.sessions.values()) + list(self.remote.values())
+
+    def remote_of(self, member_id):
+        return [s for s in self.remote.values() if s.member.id == member_id]
+
+    def put_remote(self, record):
+        """
+        Keep (or refresh) another node's session; C{None} when its member
+        is not known here.
+        """
+        member = self.members.get(record.member_id)
+        if member is None:
+            return None
+        remote = self.remote.get(record.presence_id)
+        if remote is None:
+            remote = self.remote[record.presence_id] = RemoteSession(self, member, record)
+        else:
+            remote.member = member
+            remote.update(record)
+        if remote.session_pubkey:
+            self.session_keys[remote.session_pubkey] = member.id
+        return remote
 
     def add_session(self, session):
         self.sessions[session.presence_id] = session
@@ -254,6 +340,9 @@ class MeshDirectory:
         self._store = store
         self._meshes = {}
         self._loading = {}
+        # This node's id when other nodes may share the store (issue 15): a
+        # mesh then loads with the sessions the others hold.
+        self.node_id = None
 
     def load(self, mesh_id):
         """
@@ -280,7 +369,10 @@ class MeshDirectory:
             if record is None:
                 return None
             members = yield self._store.list_members(mesh_id)
-            return MeshState(record, members)
+            mesh = MeshState(record, members)
+            if self.node_id is not None:
+                yield self.load_remote(mesh)
+            return mesh
 
         def loaded(result):
             waiters = self._loading.pop(mesh_id, [])
@@ -296,6 +388,46 @@ class MeshDirectory:
 
         read().addCallbacks(loaded, failed)
         return d
+
+    @defer.inlineCallbacks
+    def load_remote(self, mesh):
+        """
+        Read the sessions other nodes hold in C{mesh} from the store, in
+        place of those known: fires with C{(appeared, gone)}, the
+        L{RemoteSession}s new here and those no longer open.
+        """
+        records = yield self._store.list_open_sessions(mesh.id)
+        before, mesh.remote = mesh.remote, {}
+        appeared = []
+        for record in records:
+            if record.node_id == self.node_id:
+                continue
+            known = before.pop(record.presence_id, None)
+            if known is not None:
+                mesh.remote[record.presence_id] = known
+            remote = mesh.put_remote(record)
+            if remote is not None and known is None:
+                appeared.append(remote)
+        return appeared, list(before.values())
+
+    @defer.inlineCallbacks
+    def reload_members(self, mesh):
+        """
+        Read the members of C{mesh} again (another node changed them): fires
+        with C{(changed, removed)}, the L{MemberRecord}s that differ from
+        what was known and those no longer members.
+        """
+        members = yield self._store.list_members(mesh.id)
+        known = dict(mesh.members)
+        changed = []
+        for member in members:
+            old = known.pop(member.id, None)
+            if old != member:
+                mesh.put_member(member)
+                changed.append((old, member))
+        for member in known.values():
+            mesh.drop_member(member)
+        return changed, list(known.values())
 
     def cached(self, mesh_id):
         """

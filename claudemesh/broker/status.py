@@ -111,7 +111,13 @@ class StatusBoard:
         held deliveries may then go out.
     """
 
-    def __init__(self, meshes, writes, delivery, clock, settings):
+    def __init__(self, meshes, writes, delivery, clock, settings,
+                 notify=lambda kind, mesh_id, **data: None):
+        """
+        @param notify: queues a notice for the other nodes (issue 15): the
+            session's row changed, and whether they tell their watchers.
+        """
+        self._notify = notify
         self._meshes = meshes
         self._writes = writes
         self._delivery = delivery
@@ -196,8 +202,11 @@ class StatusBoard:
     def _tell_watchers(self, session):
         """
         Tell the watching sessions that C{session}'s status, summary or
-        groups changed (C{peer_status}, carrying its C{peers_list} row).
+        groups changed (C{peer_status}, carrying its C{peers_list} row), on
+        this node and, through a notice, on the others.
         """
+        self._notify("sess", session.mesh.id, p=session.presence_id,
+                     e="peer_status" if session.listed else None)
         if session.listed:
             row = peer_row(session)
             budget = self._settings.max_message_bytes

@@ -39,6 +39,7 @@ from claudemesh.broker.web import (
     make_site,
     register_health_metrics,
 )
+from claudemesh.broker.workers import ReusePortEndpoint, make_supervisor
 from claudemesh.broker.ws import BrokerServerFactory
 from claudemesh.store import DatabaseInUse, StoreService, describe_store, make_store
 from claudemesh.store.listener import PostgresBackplane
@@ -156,6 +157,19 @@ def makeService(config, reactor=None):
         from twisted.internet import reactor
     settings = config["settings"]
     top = OrderedMultiService()
+    hostname = socket.gethostname()
+    node_name = config["node-name"] or "%s:%s" % (hostname, config["port"])
+    if config["workers"] > 1:
+        # This process supervises; the workers serve (claudemesh.broker.workers).
+        workers = dict(config)
+        workers["node-name"] = node_name
+        make_supervisor(workers, resolve_admin_token(config, config["data-dir"]),
+                        reactor).setServiceParent(top)
+        _log.info("claudemesh broker {version}: supervising {count} workers {name}/w1.. "
+                  "sharing {port}", version=__version__, count=config["workers"],
+                  name=node_name, port=config["port"])
+        _exit_zero_after_sigterm_of(reactor)
+        return top
 
     # make_store creates the data directory (0700) for the SQLite default.
     store = make_store(
@@ -187,10 +201,8 @@ def makeService(config, reactor=None):
 
     metrics = BrokerMetrics(registry)
     store.on_transaction = metrics.observe_transaction
-    hostname = socket.gethostname()
     broker = Broker(store, reactor, settings, metrics=metrics, backplane=backplane,
-                    node_name=config["node-name"] or "%s:%s" % (hostname, config["port"]),
-                    hostname=hostname)
+                    node_name=node_name, hostname=hostname)
     broker.setName("broker")
     # After the store service, so it stops first: its stopService flushes
     # the pending store writes while the store is still open.
@@ -205,7 +217,12 @@ def makeService(config, reactor=None):
     site = make_site(health, reactor, settings, registry=registry, ws_factory=ws_factory,
                      broker=broker,
                      admin_token=resolve_admin_token(config, config["data-dir"]))
-    web_service = StreamServerEndpointService(serverFromString(reactor, config["port"]), site)
+    if config["reuse-port"]:
+        # One of several processes sharing the port (--workers).
+        endpoint = ReusePortEndpoint(reactor, config["port"])
+    else:
+        endpoint = serverFromString(reactor, config["port"])
+    web_service = StreamServerEndpointService(endpoint, site)
     # A port that cannot be bound (in use, privileged) must stop twistd at
     # start instead of leaving a broker that runs without listening.
     web_service._raiseSynchronously = True
@@ -234,12 +251,16 @@ def makeService(config, reactor=None):
     # twistd re-raises the signal that stopped it, so even a complete
     # graceful shutdown would end as "killed by SIGTERM"; by the "after"
     # phase the sessions are closed and the writes flushed: exit 0.
-    add_trigger = getattr(reactor, "addSystemEventTrigger", None)
-    if add_trigger is not None:
-        add_trigger("after", "shutdown", _exit_zero_after_sigterm, reactor)
+    _exit_zero_after_sigterm_of(reactor)
 
     _log_startup(config, describe_store(config["database-url"], config["data-dir"]))
     return top
+
+
+def _exit_zero_after_sigterm_of(reactor):
+    add_trigger = getattr(reactor, "addSystemEventTrigger", None)
+    if add_trigger is not None:
+        add_trigger("after", "shutdown", _exit_zero_after_sigterm, reactor)
 
 
 def _exit_zero_after_sigterm(reactor):

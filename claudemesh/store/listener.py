@@ -27,6 +27,8 @@ log = Logger()
 
 # How often the listening connection is checked with a query.
 KEEPALIVE_SECONDS = 5.0
+# How the listening connections show in pg_stat_activity.
+APPLICATION_NAME = "claudemesh-listen"
 
 
 @implementer(IBackplane)
@@ -59,7 +61,8 @@ class PostgresBackplane:
         connection = self._connection = _Connection(
             self._reactor, None, detector, self._setup)
         connection.addNotifyObserver(self._notified)
-        d = connection.connect(self._dsn, client_encoding="UTF8")
+        d = connection.connect(self._dsn, client_encoding="UTF8",
+                               application_name=APPLICATION_NAME)
         d.addCallback(lambda _: self._listen())
         d.addErrback(self._connect_failed)
         self._keepalive = task.LoopingCall(self._check)

@@ -174,6 +174,17 @@ class _Connection(txpostgres.Connection):
         d.addCallback(lambda _: self)
         return d
 
+    def doRead(self):
+        # The server closing the connection (a restart, an operator ending
+        # the backend) surfaces as psycopg2's OperationalError from the
+        # poll: returned, not raised, the reactor hands it to connectionLost
+        # (and the detector reconnects) without an "Unhandled Error"
+        # traceback in the log; the detector logs one line instead.
+        try:
+            return txpostgres.Connection.doRead(self)
+        except psycopg2.OperationalError as e:
+            return e
+
     def close(self):
         # A connection whose psycopg2 connect() raised has nothing to close.
         if self._connection is not None:
