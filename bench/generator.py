@@ -140,16 +140,25 @@ class Probe:
     The broker's CPU, RSS and the machine's busy time between two points.
     """
 
-    def __init__(self, pid, database=False):
+    def __init__(self, pid, pids=None, database=False):
         self.pid = pid
         self.database = database
+        # Several broker processes (issue 15: --nodes, --workers): CPU and
+        # RSS summed over all of them, peak RSS the largest.
+        self.pids = pids or [pid]
+
+    def _cpu(self):
+        return sum(proc_cpu_seconds(p) for p in self.pids)
+
+    def _kb(self, name, combine=sum):
+        return combine(proc_status_kb(p, name) or 0 for p in self.pids)
 
     def start(self):
         self.db0 = database_cpu_seconds() if self.database else {}
-        self.hwm_reset = reset_peak_rss(self.pid)
+        self.hwm_reset = all([reset_peak_rss(p) for p in self.pids])
         self.t0 = time.monotonic()
-        self.cpu0 = proc_cpu_seconds(self.pid)
-        self.rss0 = proc_status_kb(self.pid, "VmRSS")
+        self.cpu0 = self._cpu()
+        self.rss0 = self._kb("VmRSS")
         self.busy0 = machine_busy_seconds()
         self.own0 = own_cpu_seconds()
 
@@ -164,10 +173,11 @@ class Probe:
         return {
             "database_cpu_s": database,
             "elapsed_s": elapsed,
-            "broker_cpu_s": proc_cpu_seconds(self.pid) - self.cpu0,
+            "broker_cpu_s": self._cpu() - self.cpu0,
+            "broker_processes": len(self.pids),
             "broker_rss_before_kb": self.rss0,
-            "broker_rss_after_kb": proc_status_kb(self.pid, "VmRSS"),
-            "broker_peak_rss_kb": proc_status_kb(self.pid, "VmHWM"),
+            "broker_rss_after_kb": self._kb("VmRSS"),
+            "broker_peak_rss_kb": self._kb("VmHWM", max),
             "peak_rss_reset": self.hwm_reset,
             "generator_cpu_s": own_cpu_seconds() - self.own0,
             "machine_busy_cpu_s": machine_busy_seconds() - self.busy0,
@@ -380,6 +390,8 @@ class Generator:
     def __init__(self, spec):
         self.spec = spec
         self.url = spec["url"]
+        # Issue 15: the nodes of a cluster; peer i connects to urls[i % n].
+        self.urls = spec.get("urls") or [self.url]
         self.host, self.port = spec["host"], spec["port"]
         self.relay = spec["target"] == "relay"
         self.rng = random.Random(spec.get("seed", 7))
@@ -408,6 +420,9 @@ class Generator:
         self.seen_plain = set()
         self.lat_ack = []
         self.lat_push = []
+        # Issue 15, by whether sender and recipient are on one node.
+        self.lat_push_same = []
+        self.lat_push_cross = []
         self.first_send = None
         self.last_push = None
         self.last_ack = None
@@ -520,6 +535,10 @@ class Generator:
             self.seen_plain.add(key)
             self.pushes += 1
             self.lat_push.append(now - int(t))
+            if len(self.urls) > 1:
+                nodes = len(self.urls)
+                (self.lat_push_same if sender.index % nodes == peer.index % nodes
+                 else self.lat_push_cross).append(now - int(t))
             self.last_push = now
         peer.conn.send_raw(ack)
 
@@ -629,7 +648,7 @@ class Generator:
                 t = _now_ns()
                 try:
                     conn = Conn(self, peer)
-                    await conn.open(self.url)
+                    await conn.open(self.urls[peer.index % len(self.urls)])
                     peer.conn = conn
                     ack = await conn.request(self.hello_frame(peer))
                     if ack.get("type") != "hello_ack":
@@ -666,7 +685,9 @@ class Generator:
             "send_to_ack_ms": percentiles(self.lat_ack),
             "send_to_push_ms": percentiles(self.lat_push),
             "active_s": elapsed_ns / 1e9,
-        }
+        } | ({"send_to_push_same_node_ms": percentiles(self.lat_push_same),
+              "send_to_push_cross_node_ms": percentiles(self.lat_push_cross),
+              "nodes": len(self.urls)} if len(self.urls) > 1 else {})
 
 
 # -- scenarios -------------------------------------------------------------------------
@@ -845,7 +866,7 @@ SCENARIOS = {
 
 async def run(spec):
     gen = Generator(spec)
-    probe = Probe(spec["pid"], database=spec.get("database_cpu", False))
+    probe = Probe(spec["pid"], spec.get("pids"), database=spec.get("database_cpu", False))
     try:
         return await asyncio.wait_for(SCENARIOS[spec["scenario"]](gen, spec, probe),
                                       spec["timeout"] + 600)

@@ -11,7 +11,7 @@ COLUMNS = (
 
 UNITS = {"burst": "msg", "steady": "msg", "fanout": "push", "connections": "hello",
          "growth": "msg"}
-TARGETS = ("broker", "seeded", "relay")
+TARGETS = ("broker", "seeded", "nodes", "workers", "relay")
 # The ratio lines: figure key -> label.
 RATIO_LABELS = (("rate", "rate"), ("cpu_per_msg", "CPU/msg"), ("p99", "p99"),
                 ("peak_rss", "peak RSS"), ("rss_per_conn", "RSS/conn"))
@@ -105,16 +105,33 @@ def print_table(document):
                          "RSS %+.0f MB" % (b["connected"], b["peers"], b["still_open"],
                                            b["failures"] or "none", b["rss_growth_kb"] / 1024))
     for name, entry in document["scenarios"].items():
+        for target in ("nodes", "workers"):
+            result = entry.get(target)
+            if result is None:
+                continue
+            notes.append("%s: %s (%d processes): sent %d, lost %d, duplicates to app %d" % (
+                name, target, result.get("processes", 0), result["sent"], result["lost"],
+                result["duplicates_to_app"]))
+            same = result.get("send_to_push_same_node_ms")
+            cross = result.get("send_to_push_cross_node_ms")
+            if same and cross:
+                notes.append("%s: send->push p50/p99 ms, same node %s/%s, across nodes %s/%s "
+                             "(+%s ms p50)" % (name, _ms(same["p50"]), _ms(same["p99"]),
+                                               _ms(cross["p50"]), _ms(cross["p99"]),
+                                               _ms(cross["p50"] - same["p50"])
+                                               if cross["p50"] >= same["p50"] else "0"))
+    for name, entry in document["scenarios"].items():
         for target, against in (("broker", "relay"), ("seeded", "relay"),
+                                ("nodes_vs_one", "one node"), ("workers_vs_one", "one node"),
                                 ("seeded_vs_empty", "the empty database")):
             values = entry.get("ratios", {}).get(target)
             if not values:
                 continue
             parts = ["%s %s" % (label, _times(values[key]))
                      for key, label in RATIO_LABELS if values.get(key) is not None]
-            notes.append("%s: %s as x %s: %s" % (
-                name, "seeded" if target.startswith("seeded") else "broker", against,
-                ", ".join(parts)))
+            who = "seeded" if target.startswith("seeded") else target.split("_")[0] if (
+                target.endswith("_vs_one")) else "broker"
+            notes.append("%s: %s as x %s: %s" % (name, who, against, ", ".join(parts)))
     for line in notes:
         print("  " + line)
     for key, error in document.get("failures", {}).items():

@@ -345,6 +345,12 @@ def main(argv=None):
     parser.add_argument("--window", type=int,
                         help="the in-flight window per peer of burst, fanout and growth "
                              "(default 10, 1, 32)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="also run each scenario against N broker processes on one "
+                             "Postgres database, the peers spread over them (issue 15)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also run each scenario against one broker with --workers N "
+                             "(one port, N processes; issue 15)")
     parser.add_argument("--output", help="results file (default bench/results/<sha>.json)")
     parser.add_argument("--keep", action="store_true", help="keep data dirs and logs")
     args = parser.parse_args(argv)
@@ -357,6 +363,9 @@ def main(argv=None):
     scenarios = [s for s in SCENARIO_ORDER if s in chosen] or (
         list(SCENARIO_ORDER) if with_relay else [])
     args.store = "postgres" if args.database_url else "sqlite"
+    if (args.nodes > 1 or args.workers > 1) and not args.database_url:
+        parser.error("--nodes and --workers need --database-url (several broker processes "
+                     "share a Postgres database)")
     if args.database_url:
         check_postgres(args.database_url)
     raise_nofile()
@@ -372,14 +381,20 @@ def main(argv=None):
         entry = results[name] = {"size": size}
         # growth: the broker on an empty database, then on a seeded one.
         targets = ["broker"] + (["seeded"] if name == "growth" else []) + (
+            ["nodes"] if args.nodes > 1 else []) + (["workers"] if args.workers > 1 else []) + (
             ["relay"] if with_relay else [])
         for target in targets:
             print("[bench] %s against the %s%s ..." % (
                 name, target, " (%s)" % args.store if target != "relay" else ""),
                 file=sys.stderr, flush=True)
             try:
-                result = run_scenario(name, "relay" if target == "relay" else "broker", size,
-                                      args, workroot, seeded=target == "seeded")
+                if target in ("nodes", "workers"):
+                    from bench import cluster
+
+                    result = cluster.run_scenario(name, target, size, args, workroot)
+                else:
+                    result = run_scenario(name, "relay" if target == "relay" else "broker",
+                                          size, args, workroot, seeded=target == "seeded")
             except Exception as e:
                 failures["%s/%s" % (name, target)] = str(e)
                 print("[bench] %s/%s failed: %s" % (name, target, e), file=sys.stderr)
@@ -387,6 +402,10 @@ def main(argv=None):
             result["broker_cpu_s_per_1000"] = per_1000(result)
             entry[target] = result
         entry["ratios"] = ratios(name, entry)
+        if args.nodes > 1 or args.workers > 1:
+            from bench import cluster
+
+            entry["ratios"].update(cluster.cluster_ratios(name, entry, figures))
         entry["ratio_to_relay"] = entry["ratios"].get("broker", {}).get("rate")
     if not args.keep:
         shutil.rmtree(workroot, ignore_errors=True)

@@ -14,7 +14,7 @@ from claudemesh import crypto, protocol
 from claudemesh.broker import cluster
 from claudemesh.broker.cluster import HEARTBEAT_SECONDS, NODE_TIMEOUT_SECONDS, LocalHub
 from claudemesh.store.records import NodeRecord, SessionRecord
-from tests.meshfixture import BrokerFixture, Peer, inline_store, result_of
+from tests.meshfixture import BrokerFixture, FakeConnection, Peer, inline_store, result_of
 
 
 class ClusterFixture:
@@ -52,9 +52,14 @@ class ClusterFixture:
 
     def peer_on(self, node, peer):
         """
-        The same member identity, connecting through another node.
+        The same member identity, connecting through another node (its
+        hellos signed later than the other's: a hello is good once on every
+        node).
         """
-        return Peer(self.nodes[node], peer.mesh, peer.member, peer.identity)
+        other = Peer(self.nodes[node], peer.mesh, peer.member, peer.identity)
+        other.session_identity = peer.session_identity
+        other._last_hello = max(peer._last_hello, self.nodes[node].now_ms()) + 1000
+        return other
 
 
 def open_sessions(store, mesh_id):
@@ -311,6 +316,19 @@ class CrossNodeTests(SynchronousTestCase):
         ack = dave_on0.connect()
         self.fx.hub.dropping = False
         self.assertEqual(ack["memberDisplayName"], "dave")
+
+    def test_hello_replayed_at_another_node(self):
+        """A signed hello accepted by one node is refused as replayed by the others."""
+        hello = self.bob.hello_dict(session_id="s9")
+        results = []
+        for node in (1, 2):
+            connection = FakeConnection()
+            d = self.fx.nodes[node].broker.presence.hello(
+                connection, protocol.decode(json.dumps(hello)))
+            d.addBoth(results.append)
+            self.fx.flush()
+        self.assertEqual(results[0][1]["type"], "hello_ack")
+        self.assertEqual(results[1].value.code, "replayed")
 
     def test_hook_for_session_elsewhere(self):
         """A signed hook report arriving at one node sets the status of a session on another."""

@@ -79,6 +79,22 @@ def wait_until(condition, timeout=15.0, what="a condition"):
         yield sleep(reactor, 0.05)
 
 
+def closed(peer, timeout=30.0):
+    """
+    How C{peer}'s connection closed (C{(clean, code, reason)}), within
+    C{timeout} seconds.
+    """
+    d = defer.Deferred()
+
+    def passed(result):
+        if not d.called:
+            d.callback(result)
+        return result
+
+    peer.client.closed.addBoth(passed)
+    return d.addTimeout(timeout, reactor)
+
+
 class ClusterProcessMixin:
     """
     Starts brokers on one database and cleans up after them.
@@ -188,8 +204,8 @@ class ThreeNodeTests(ClusterProcessMixin, TestCase):
         owner = yield self.peer(m["owner"], self.nodes[0], session_id="owner")
         first = yield self.peer(m["alice"], self.nodes[1], session_id="a")
         again = yield self.peer(m["alice"], self.nodes[2], session_id="a")
-        closed = yield first.client.closed
-        self.assertEqual(closed[1:], (1000, "session_replaced"))
+        closed_as = yield closed(first)
+        self.assertEqual(closed_as[1:], (1000, "session_replaced"))
         bob = yield self.peer(m["bob"], self.nodes[1])
         carol = yield self.peer(m["carol"], self.nodes[2])
         yield wait_until(lambda: len([e for e in owner.events
@@ -197,10 +213,10 @@ class ThreeNodeTests(ClusterProcessMixin, TestCase):
                          what="joins at the owner's node")
         reply = yield owner.request({"type": "kick", "target": "bob"})
         self.assertEqual(reply["kicked"], ["bob"])
-        self.assertEqual((yield bob.client.closed)[1], 4001)
+        self.assertEqual((yield closed(bob))[1], 4001)
         reply = yield owner.request({"type": "ban", "target": "carol"})
         self.assertEqual(reply["type"], "ban_ack")
-        self.assertEqual((yield carol.client.closed)[1:], (4002, "banned"))
+        self.assertEqual((yield closed(carol))[1:], (4002, "banned"))
         self.assertEqual([e["code"] for e in carol.errors], ["revoked"])
         self.assertTrue(again.open)
 
@@ -315,8 +331,7 @@ class WorkersTests(ClusterProcessMixin, TestCase):
         status = yield node.terminate(timeout=30)
         self.assertEqual(status[:2], (0, None))
         for peer in peers:
-            closed = yield peer.client.closed
-            self.assertEqual(closed[1], 1001)
+            self.assertEqual((yield closed(peer))[1], 1001)
         left = pg.run(self.database, 'SELECT count(*) FROM "%s".nodes WHERE stopped_at IS NULL'
                       % (self.schema,))
         self.assertEqual(left, [(0,)])

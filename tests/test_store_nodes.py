@@ -86,6 +86,12 @@ class NodeStoreTestsMixin:
         yield self.store.open_sessions([session])
         self.assertEqual((yield self.store.get_session(session.presence_id)), session)
         self.assertIsNone((yield self.store.get_session("nobody")))
+        found = yield self.store.find_open_sessions(self.mesh.id, self.alice.id,
+                                                    session.session_id)
+        self.assertEqual(found, [session])
+        yield self.store.close_sessions([session.presence_id], NOW + 1)
+        self.assertEqual((yield self.store.find_open_sessions(
+            self.mesh.id, self.alice.id, session.session_id)), [])
 
     @defer.inlineCallbacks
     def test_heartbeat(self):
@@ -145,6 +151,23 @@ class NodeStoreTestsMixin:
         reaped = yield self.store.reap_nodes("me", "me", NOW - 30 * SECOND, NOW)
         self.assertEqual(sorted(r.presence_id for r in reaped),
                          sorted([before_nodes.presence_id, unknown.presence_id]))
+
+    @defer.inlineCallbacks
+    def test_signature_used_once(self):
+        """
+        A signed credential is recorded once: a second use before its expiry
+        is refused, concurrent uses admit exactly one, and after the expiry
+        it may be used again (and the sweep forgets it).
+        """
+        use = self.store.use_signature
+        self.assertTrue((yield use("hello", "k1", "sig", NOW + 60 * SECOND, NOW)))
+        self.assertFalse((yield use("hello", "k1", "sig", NOW + 60 * SECOND, NOW + 1)))
+        self.assertTrue((yield use("hook", "k1", "sig", NOW + 60 * SECOND, NOW)))
+        results = yield defer.gatherResults(
+            [use("join", "k2", "sig2", NOW + 60 * SECOND, NOW) for _ in range(5)])
+        self.assertEqual(sorted(results), [False] * 4 + [True])
+        self.assertTrue((yield use("hello", "k1", "sig", NOW + 200 * SECOND, NOW + 61 * SECOND)))
+        self.assertEqual((yield self.store.forget_signatures(NOW + 70 * SECOND)), 2)
 
     @defer.inlineCallbacks
     def test_notices_in_a_batch(self):

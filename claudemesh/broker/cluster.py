@@ -268,6 +268,8 @@ class Cluster:
         now = self._now()
         cutoff = now - int(NODE_TIMEOUT_SECONDS * 1000)
         reaped = yield self._store.reap_nodes(self.node_id, self.name, cutoff, now)
+        # Signatures past their window are dead rows: whoever reaps sweeps.
+        yield self._store.forget_signatures(now)
         if not reaped:
             return reaped
         nodes = sorted({r.node_id for r in reaped})

@@ -37,7 +37,7 @@ from claudemesh.broker.membership import Membership
 from claudemesh.broker.meshkeys import MeshKeys
 from claudemesh.broker.presence import Presence
 from claudemesh.broker.remote import RemotePresence
-from claudemesh.broker.replay import LocalReplayMemory
+from claudemesh.broker.replay import LocalReplayMemory, SharedReplayMemory
 from claudemesh.broker.sessions import IPeerConnection, MeshDirectory
 from claudemesh.broker.status import StatusBoard
 
@@ -69,7 +69,11 @@ class Broker(service.Service):
         @param node_name: this node's name in the C{nodes} table.
         """
         self.store = store
-        self.replays = replays if replays is not None else LocalReplayMemory(clock)
+        shared = backplane is not None and not backplane.single_process
+        if replays is None:
+            # Brokers sharing a database share what they accepted (issue 15).
+            replays = SharedReplayMemory(clock, store) if shared else LocalReplayMemory(clock)
+        self.replays = replays
         self.clock = clock
         self.settings = settings
         self.metrics = metrics

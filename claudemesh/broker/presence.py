@@ -150,7 +150,19 @@ class Presence:
                 raise refuse("capacity", "mesh at connection capacity")
         display_name = hello.displayName or member.display_name
         extra = yield self._hello_fields(mesh, member)
+        clustered = self._meshes.node_id is not None
+        if clustered:
+            # The same session open on another node (issue 15), even one
+            # whose notice has not arrived: its row says so.
+            records = yield self._store.find_open_sessions(mesh.id, member.id, hello.sessionId)
+            for record in records:
+                if record.node_id != self._node_id and record.presence_id not in mesh.sessions:
+                    mesh.put_remote(record)
         session, restored = self._attach(mesh, member, hello, connection, display_name, now)
+        if clustered:
+            # The hello_ack goes out once the session's row is committed, so
+            # a client that goes on to another node is found there.
+            yield self._writes.flushed()
         if self._metrics is not None:
             self._metrics.connections_total.inc()
             self._metrics.connections_active.inc()

@@ -10,9 +10,10 @@ its timestamp leaves the window, and refuses a second use with
 C{replayed}.
 
 L{IReplayMemory} is the seam: L{LocalReplayMemory} remembers in this
-process, which is enough for one broker; brokers sharing a database need a
-memory they share (a table keyed on the signature, with its expiry), which
-plugs in here without touching the callers.
+process, which is enough for one broker; brokers sharing a database (issue
+15) use L{SharedReplayMemory}, which asks this process first and then the
+store's table of used signatures, so a credential used at one node is
+refused at every other.
 """
 
 import heapq
@@ -71,3 +72,30 @@ class LocalReplayMemory:
         while expiries and expiries[0][0] <= now:
             _, key = heapq.heappop(expiries)
             self._seen.pop(key, None)
+
+
+@implementer(IReplayMemory)
+class SharedReplayMemory:
+    """
+    An L{IReplayMemory} shared by the nodes of a cluster: this process's
+    memory first (a replay here costs no round trip), then the store's
+    C{used_signatures} (L{IStore.use_signature}), which answers for every
+    node. A store that cannot answer refuses the credential (the caller
+    fails as it would for any store outage), never lets it through twice.
+    """
+
+    def __init__(self, clock, store):
+        self._clock = clock
+        self._store = store
+        self._local = LocalReplayMemory(clock)
+
+    def first_use(self, kind, signer, signature, expires_at):
+        d = self._local.first_use(kind, signer, signature, expires_at)
+
+        def shared(fresh):
+            if not fresh:
+                return False
+            return self._store.use_signature(kind, signer, signature, expires_at,
+                                             int(self._clock.seconds() * 1000))
+
+        return d.addCallback(shared)

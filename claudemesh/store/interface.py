@@ -219,6 +219,12 @@ class IStore(Interface):
         The L{SessionRecord}s of the mesh not yet disconnected, oldest first.
         """
 
+    def find_open_sessions(mesh_id, member_id, session_id):
+        """
+        The open L{SessionRecord}s of one (mesh, member, session id), on any
+        node.
+        """
+
     def get_session(presence_id):
         """
         The L{SessionRecord} of one session (open or closed), or C{None}.
@@ -256,6 +262,18 @@ class IStore(Interface):
         """
         The L{NodeRecord}s with a heartbeat at C{cutoff} or later, not
         stopped.
+        """
+
+    def use_signature(kind, signer, signature, expires_at, now):
+        """
+        Record one use of a signed credential until C{expires_at}. Fires
+        with C{True} for its first use (or the first after its record
+        expired), C{False} while another use is remembered — on any node.
+        """
+
+    def forget_signatures(now):
+        """
+        Delete the records of credentials expired at C{now}.
         """
 
     def notify(notices):

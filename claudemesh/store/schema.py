@@ -23,7 +23,7 @@ from importlib import resources
 from claudemesh.store.interface import SchemaTooNew, StoreError
 from claudemesh.store.sql.operations import Execute, Query
 
-CURRENT_VERSION = 5
+CURRENT_VERSION = 6
 
 # The table whose single row holds the version number.
 VERSION_TABLE = "schema_version"

@@ -2,7 +2,8 @@
 The nodes of a cluster (issue 15): one row per broker process, its
 heartbeat, and what the nodes that survive do for one that died — close its
 sessions and give its leases back, in one transaction, by one node at a
-time (an advisory lock on Postgres).
+time (an advisory lock on Postgres); and the signed credentials the nodes
+accepted, so one used at one node is refused at every other.
 
 A node is dead when its heartbeat is older than the timeout, or when a
 newer process of the same name started (a restart releases its own
@@ -81,6 +82,27 @@ def reap_txn(dialect, own_id, own_name, cutoff, now):
     return (yield from _close_txn(rows, now))
 
 
+def use_signature_txn(kind, signer, signature, expires_at, now):
+    """
+    Record one use of a signed credential; C{True} for its first use (or
+    the first since its last record expired).
+    """
+    # One row changed: inserted, or an expired one taken over. None: it is
+    # still remembered (a concurrent use waits for the first one's commit,
+    # then finds its row).
+    changed = yield Execute(
+        "INSERT INTO used_signatures (kind, signer, signature, expires_at)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (kind, signer, signature) DO UPDATE"
+        " SET expires_at = excluded.expires_at WHERE used_signatures.expires_at <= %s",
+        (kind, signer, signature, expires_at, now),
+    )
+    return changed == 1
+
+
+def forget_signatures_txn(now):
+    return (yield Execute("DELETE FROM used_signatures WHERE expires_at <= %s", (now,)))
+
+
 def running_nodes_txn(cutoff):
     rows = yield Query(
         "SELECT %s FROM nodes WHERE stopped_at IS NULL AND heartbeat_at >= %%s"
@@ -107,6 +129,13 @@ class NodeStore:
     def reap_nodes(self, own_id, own_name, cutoff, now):
         return self.run_interaction(
             "reap_nodes", reap_txn, self.dialect, own_id, own_name, cutoff, now)
+
+    def use_signature(self, kind, signer, signature, expires_at, now):
+        return self.run_interaction(
+            "use_signature", use_signature_txn, kind, signer, signature, expires_at, now)
+
+    def forget_signatures(self, now):
+        return self.run_interaction("forget_signatures", forget_signatures_txn, now)
 
     def running_nodes(self, cutoff):
         return self.run_interaction("running_nodes", running_nodes_txn, cutoff, write=False)

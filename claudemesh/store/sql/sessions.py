@@ -192,6 +192,19 @@ class SessionStore:
         )
         return [session_from_row(row) for row in rows]
 
+    def find_open_sessions(self, mesh_id, member_id, session_id):
+        return self.run_interaction(
+            "find_open_sessions", self._find_open_sessions_txn, mesh_id, member_id, session_id,
+            write=False)
+
+    def _find_open_sessions_txn(self, mesh_id, member_id, session_id):
+        rows = yield Query(
+            "SELECT %s FROM sessions WHERE mesh_id = %%s AND member_id = %%s"
+            " AND session_id = %%s AND disconnected_at IS NULL" % (", ".join(SESSION_COLUMNS),),
+            (mesh_id, member_id, session_id),
+        )
+        return [session_from_row(row) for row in rows]
+
     def get_session(self, presence_id):
         return self.run_interaction(
             "get_session", self._get_session_txn, presence_id, write=False)
