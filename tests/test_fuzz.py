@@ -56,6 +56,8 @@ OUTBOUND_TYPES = {
     "message_status_result", "invite_created", "invites_list", "revoke_invite_ack",
     "set_role_ack", "leave_ack", "disconnect_ack", "kick_ack", "ban_ack", "unban_ack",
     "list_bans_result", "audit_result", "audit_verify_result",
+    # Mesh key epochs (issue 17): any member's mesh_key_status is answered.
+    "rotate_mesh_key_ack", "share_mesh_key_ack", "mesh_key", "mesh_key_status_result",
 }
 # Closes a fuzzed connection may see: (code, reason) or code alone.
 ALLOWED_CLOSES = {
