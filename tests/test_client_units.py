@@ -215,6 +215,21 @@ class TargetTests(SynchronousTestCase):
                              "not_found")
 
 
+    def test_not_found_suggests_names(self):
+        """
+        A name no member has, but which starts or nearly spells members'
+        names, is not found with a "did you mean"; one like no name, without.
+        """
+        e = self.assertRaises(messages.TargetError, self.resolve, "bo")
+        self.assertEqual(e.message, 'No member matches "bo". Did you mean bob?')
+        e = self.assertRaises(messages.TargetError, self.resolve, "alcie")
+        self.assertEqual(e.message, 'No member matches "alcie". Did you mean alice or Alex?')
+        e = self.assertRaises(messages.TargetError, self.resolve, "al")
+        self.assertEqual(e.message, 'No member matches "al". Did you mean Alex or alice?')
+        e = self.assertRaises(messages.TargetError, self.resolve, "zed")
+        self.assertEqual(e.message, 'No member matches "zed".')
+
+
 class OpenPushTests(SynchronousTestCase):
     """
     Opening a push with the secret its targetSpec names.

@@ -6,6 +6,7 @@ strings, invites, delivery), without I/O.
 
 import binascii
 import datetime
+import difflib
 import re
 import urllib.parse
 
@@ -351,6 +352,24 @@ def open_push(push, member, session=None, mesh_key=None, key_of_epoch=None):
 # -- targets ----------------------------------------------------------------------
 
 
+def _did_you_mean(lowered, names):
+    """
+    C{" Did you mean bob?"} for the names that start with what was typed or
+    nearly spell it (at most three), or C{""}.
+    """
+    by_lower = {}
+    for name in names:
+        by_lower.setdefault(name.lower(), name)
+    close = [n for n in by_lower if n.startswith(lowered)]
+    close += [n for n in difflib.get_close_matches(lowered, list(by_lower), 3)
+              if n not in close]
+    close = [by_lower[n] for n in close[:3]]
+    if not close:
+        return ""
+    listed = close[0] if len(close) == 1 else "%s or %s" % (", ".join(close[:-1]), close[-1])
+    return " Did you mean %s?" % (listed,)
+
+
 def resolve_target(spec, members=(), peers=()):
     """
     Turn what a user typed into a C{targetSpec}.
@@ -402,7 +421,8 @@ def resolve_target(spec, members=(), peers=()):
         if _HEX.match(lowered) and len(lowered) < protocol.MIN_KEY_PREFIX:
             raise TargetError("not_found", 'No member is called "%s", and a key prefix needs '
                               '%d or more hex characters.' % (spec, protocol.MIN_KEY_PREFIX))
-        raise TargetError("not_found", 'No member matches "%s".' % (spec,))
+        raise TargetError("not_found", 'No member matches "%s".%s' % (
+            spec, _did_you_mean(lowered, sorted(set(by_member.values())))))
     if len(matches) > 1:
         candidates = [{"name": name, "pubkey": member_key}
                       for member_key, (_, name) in sorted(matches.items())]
