@@ -1318,12 +1318,14 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         rows = yield self.store._connection.run(
             lambda c: [c.execute("PRAGMA %s" % (p,)).fetchone()[0]
                        for p in ("journal_mode", "foreign_keys", "busy_timeout",
-                                 "synchronous")]
+                                 "synchronous", "cache_size")]
         )
         self.assertEqual(rows[:2], ["wal", 1])
         self.assertGreater(rows[2], 0)
         # NORMAL
         self.assertEqual(rows[3], 1)
+        # A page cache of 64 MiB (negative: in KiB), not SQLite's 2 MiB.
+        self.assertEqual(rows[4], -65536)
 
     @defer.inlineCallbacks
     def test_memory_database(self):

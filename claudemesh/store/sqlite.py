@@ -41,6 +41,13 @@ from claudemesh.store.sql.operations import (
     run_inline,
 )
 
+# The page cache of the connection, in KiB. SQLite's default (2 MiB) holds
+# the upper levels of the indexes of a small database only: with a million
+# messages, every insert under a random id and every acknowledgement read
+# its pages back from the OS (bench growth: -4 to -10 % CPU per message and
+# +16 to +43 % msg/s on that database with 64 MiB). Filled only as used.
+CACHE_KIB = 65536
+
 # Rows per multi-row INSERT (L{_insert_rows}).
 INSERT_ROWS = 250
 
@@ -98,6 +105,7 @@ def _configure(connection):
     cursor.execute("PRAGMA busy_timeout = %d" % (BUSY_TIMEOUT_MS,))
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA cache_size = %d" % (-CACHE_KIB,))
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
 
