@@ -259,6 +259,8 @@ class RefusalTests(MeshKeysTestCase):
         before = store_snapshot(self.fx.store)
         reply, _ = self.rotate()
         self.assertRefused(reply, "sealed_keys_mismatch", notMembers=[self.bob.pubkey])
+        self.assertEqual(reply.message, "1 sealed copy is for a key that is not a member of"
+                         " this mesh (banned, left, or never joined)")
         stranger = crypto.Identity.generate()
         frame = {"type": "rotate_mesh_key", "epoch": 1, "sealedKeys": self.sealed(
             self.owner, crypto.new_mesh_key(), 1, [self.owner, self.alice]) + [
@@ -273,6 +275,7 @@ class RefusalTests(MeshKeysTestCase):
         reply, _ = self.rotate(members=[self.owner, self.alice])
         self.assertRefused(reply, "sealed_keys_mismatch", missing=[self.bob.pubkey],
                            currentEpoch=0)
+        self.assertEqual(reply.message, "1 current member has no sealed copy")
         self.assertNothingStored(before)
 
     def test_duplicate_and_skipped_epochs(self):

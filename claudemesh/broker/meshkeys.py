@@ -199,8 +199,11 @@ class MeshKeys:
                 copies[member.id] = sealed
         if strangers:
             raise Refusal(
-                "sealed_keys_mismatch", "%d sealed copies are for keys that are not members of"
-                " this mesh (banned, left, or never joined)" % (len(strangers),),
+                "sealed_keys_mismatch", ("1 sealed copy is for a key that is not a member of"
+                                         if len(strangers) == 1 else
+                                         "%d sealed copies are for keys that are not members of"
+                                         % (len(strangers),))
+                + " this mesh (banned, left, or never joined)",
                 notMembers=strangers[:REPORT_LIMIT])
         return copies
 
@@ -262,8 +265,10 @@ class MeshKeys:
         missing = [m.pubkey for m in mesh.members.values()
                    if m.revoked_at is None and m.id not in staged.copies]
         if missing:
-            raise Refusal("sealed_keys_mismatch", "%d current members have no sealed copy"
-                          % (len(missing),), missing=missing[:REPORT_LIMIT],
+            raise Refusal("sealed_keys_mismatch", "1 current member has no sealed copy"
+                          if len(missing) == 1 else
+                          "%d current members have no sealed copy" % (len(missing),),
+                          missing=missing[:REPORT_LIMIT],
                           currentEpoch=current)
         result = yield self._commit(session, frame, staged, now)
         return result
