@@ -63,6 +63,16 @@ class CommandLineTests(SynchronousTestCase):
             self.assertEqual((code, out), (3, ""), argv)
             self.assertIn("usage:", err)
 
+    def test_bad_arguments_show_the_command_usage(self):
+        """An argument error of a command shows that command's usage line, not the whole CLI's."""
+        for argv, usage in ((["send", "bob"], "usage: claudemesh send "),
+                            (["kick", "bob", "--all"], "usage: claudemesh kick "),
+                            (["invite", "--uses", "0"], "usage: claudemesh invite "),
+                            (["frobnicate"], "usage: claudemesh [-h]")):
+            code, _, err = self.run_main(argv)
+            self.assertEqual(code, 3, argv)
+            self.assertTrue(err.startswith(usage), (argv, err))
+
     def test_list_empty(self):
         """'list' with no config says how to join, exit 0."""
         code, out, _ = self.run_main(["list"])

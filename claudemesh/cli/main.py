@@ -26,7 +26,14 @@ _MESSAGE_ID = re.compile(r"\A[0-9a-fA-F-]{8,64}\Z")
 class _BadArguments(Exception):
     """
     The command line could not be understood.
+
+    @ivar parser: the parser that could not understand it (a sub-command's
+        own, for a sub-command's arguments), whose usage line is the help.
     """
+
+    def __init__(self, message, parser=None):
+        Exception.__init__(self, message)
+        self.parser = parser
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -37,7 +44,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message):
-        raise _BadArguments(message)
+        raise _BadArguments(message, self)
 
     def _check_value(self, action, value):
         # argparse's own check, with a suggestion. (Python 3.14 has
@@ -219,6 +226,8 @@ def make_parser():
                    help="listen on this port of 127.0.0.1 (default: a free one)")
     p.add_argument("--no-open", action="store_true", help="print the URL, do not open a browser")
     parsers["completion"].add_argument("shell", choices=("bash", "zsh"))
+    # Each command's own parser, whose usage line an argument error shows.
+    parser.command_parsers = parsers
     return parser
 
 
@@ -340,9 +349,15 @@ def main(argv=None):
     parser = make_parser()
     try:
         arguments = parser.parse_args(argv)
-        _check(arguments)
+        try:
+            _check(arguments)
+        except _BadArguments as e:
+            e.parser = parser.command_parsers.get(arguments.command)
+            raise
     except _BadArguments as e:
-        parser.print_usage(sys.stderr)
+        # "claudemesh send" missing its message shows send's usage, not the
+        # whole command line's.
+        (e.parser or parser).print_usage(sys.stderr)
         print(f"claudemesh: error: {e}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     except SystemExit as e:
