@@ -23,8 +23,10 @@ from claudemesh import crypto
 from soak.harness import (
     BrokerProcess,
     Peer,
+    TemporaryPostgres,
     bootstrap_mesh,
     broker_environment,
+    find_initdb,
     free_port,
     http,
     now_ms,
@@ -335,6 +337,68 @@ class WorkersTests(ClusterProcessMixin, TestCase):
         left = pg.run(self.database, 'SELECT count(*) FROM "%s".nodes WHERE stopped_at IS NULL'
                       % (self.schema,))
         self.assertEqual(left, [(0,)])
+
+
+class OutageTests(TestCase):
+    """
+    A Postgres outage under a cluster, on a server of the test's own.
+    """
+
+    timeout = 240
+    skip = None if find_initdb() else "initdb not found (install PostgreSQL server binaries)"
+
+    @defer.inlineCallbacks
+    def test_outage_heals_every_node(self):
+        """
+        The database stops: every node's /health/ready turns 503; it comes
+        back: every node is ready again without a restart, listening again,
+        and a DM across nodes is delivered.
+        """
+        server = TemporaryPostgres(reactor)
+        self.addCleanup(server.destroy)
+        yield server.create()
+        nodes, peers = [], []
+        for i in range(2):
+            workdir = self.mktemp()
+            os.makedirs(workdir)
+            node = BrokerProcess(reactor, workdir, args=[
+                "--node-name", "n%d" % (i,), "--hello-rate-per-ip", "0"],
+                env={"DATABASE_URL": server.url})
+            self.addCleanup(node.cleanup)
+            yield node.start(timeout=60)
+            nodes.append(node)
+        members = yield bootstrap_mesh(reactor, nodes[0].http, nodes[0].url, ["alice", "bob"])
+        alice = Peer(reactor, members["alice"], nodes[0].url)
+        bob = Peer(reactor, members["bob"], nodes[1].url)
+        peers += [alice, bob]
+        self.addCleanup(lambda: defer.gatherResults([p.close() for p in peers]))
+        yield alice.connect()
+        yield bob.connect()
+
+        @defer.inlineCallbacks
+        def ready_codes():
+            codes = []
+            for node in nodes:
+                code, _ = yield http(reactor, "GET", node.http + "/health/ready", timeout=3)
+                codes.append(code)
+            return codes
+
+        @defer.inlineCallbacks
+        def wait_for_codes(wanted, seconds):
+            deadline = reactor.seconds() + seconds
+            while (yield ready_codes()) != wanted:
+                if reactor.seconds() > deadline:
+                    self.fail("readiness never became %r" % (wanted,))
+                yield sleep(reactor, 0.5)
+
+        yield server.stop()
+        yield wait_for_codes([503, 503], 30)
+        yield server.start()
+        yield wait_for_codes([200, 200], 60)
+        yield wait_until(lambda: all("re-scanning" in n.log_text() for n in nodes), 60,
+                         "every node listening again")
+        alice.send_dm(members["bob"], "after the outage", "o1")
+        yield wait_until(lambda: "after the outage" in bob.received, 30, "the DM")
 
 
 class SQLiteWorkersTests(TestCase):
