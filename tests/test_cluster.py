@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from claudemesh import crypto, protocol
 from claudemesh.broker import cluster
 from claudemesh.broker.cluster import HEARTBEAT_SECONDS, NODE_TIMEOUT_SECONDS, LocalHub
+from claudemesh.broker.presence import HELLO_COMMIT_WAIT
 from claudemesh.store.records import NodeRecord, SessionRecord
 from tests.meshfixture import BrokerFixture, FakeConnection, Peer, inline_store, result_of
 
@@ -329,6 +330,23 @@ class CrossNodeTests(SynchronousTestCase):
             self.fx.flush()
         self.assertEqual(results[0][1]["type"], "hello_ack")
         self.assertEqual(results[1].value.code, "replayed")
+
+    def test_hello_not_held_by_a_stuck_store(self):
+        """
+        A clustered hello waits for its row's commit, but not for ever: a
+        store that stops answering writes holds it at most a moment.
+        """
+        self.connect(self.alice)
+        node = self.fx.nodes[0]
+        node.broker.writes._store = DeadStore()
+        hello = self.owner.hello_dict(session_id="late")
+        results = []
+        node.broker.presence.hello(FakeConnection(), protocol.decode(json.dumps(hello))).addBoth(
+            results.append)
+        self.fx.flush()
+        self.assertEqual(results, [])
+        self.fx.clock.advance(HELLO_COMMIT_WAIT)
+        self.assertEqual(results[0][1]["type"], "hello_ack")
 
     def test_hook_for_session_elsewhere(self):
         """A signed hook report arriving at one node sets the status of a session on another."""

@@ -25,6 +25,8 @@ from claudemesh.store.records import AuditEvent, SessionKeyBinding
 
 # How long a shutdown waits after sending 1001 close frames.
 SHUTDOWN_CLOSE_WAIT = 0.5
+# How long a clustered hello waits for its session's row to commit.
+HELLO_COMMIT_WAIT = 2.0
 # How many departed sessions a mesh remembers for peer_returned.
 DEPARTED_KEPT = 10_000
 
@@ -161,8 +163,10 @@ class Presence:
         session, restored = self._attach(mesh, member, hello, connection, display_name, now)
         if clustered:
             # The hello_ack goes out once the session's row is committed, so
-            # a client that goes on to another node is found there.
-            yield self._writes.flushed()
+            # a client that goes on to another node is found there (but not
+            # later than HELLO_COMMIT_WAIT: a store going down meanwhile must
+            # not hold the hello).
+            yield self._within(self._writes.flushed(), HELLO_COMMIT_WAIT)
         if self._metrics is not None:
             self._metrics.connections_total.inc()
             self._metrics.connections_active.inc()
@@ -176,6 +180,22 @@ class Presence:
             restored=True if restored else None, watch=True if session.watch else None,
             **extra)
         return session, ack.to_wire()
+
+    def _within(self, d, seconds):
+        """
+        A L{Deferred} firing with C{None} when C{d} does, or after C{seconds}.
+        """
+        done = defer.Deferred()
+        timer = self._clock.callLater(seconds, lambda: None if done.called else done.callback(None))
+
+        def fired(_):
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        d.addBoth(fired)
+        return done
 
     def _bind_session_key(self, mesh, member, session_pubkey, now):
         """
