@@ -81,6 +81,14 @@ def wait_until(condition, timeout=15.0, what="a condition"):
         yield sleep(reactor, 0.05)
 
 
+def events(peer, name):
+    """
+    The system events C{name} C{peer} received so far (a wait registered
+    after one arrived would miss it).
+    """
+    return [e for e in peer.events if e.get("event") == name]
+
+
 def closed(peer, timeout=30.0):
     """
     How C{peer}'s connection closed (C{(clean, code, reason)}), within
@@ -174,7 +182,7 @@ class ThreeNodeTests(ClusterProcessMixin, TestCase):
         m = self.members
         alice = yield self.peer(m["alice"], self.nodes[0])
         bob = yield self.peer(m["bob"], self.nodes[1], groups=[{"name": "ops"}])
-        yield alice.wait_for(lambda f: f.get("event") == "peer_joined")
+        yield wait_until(lambda: events(alice, "peer_joined"), what="bob's peer_joined")
         carol = yield self.peer(m["carol"], self.nodes[2])
         for i in range(20):
             alice.send_dm(m["bob"], "a-b-%d" % (i,), "ab%d" % (i,))
@@ -192,8 +200,8 @@ class ThreeNodeTests(ClusterProcessMixin, TestCase):
         self.assertEqual(sorted(p["displayName"] for p in reply["peers"]),
                          ["alice", "bob", "carol"])
         yield bob.close()
-        left = yield carol.wait_for(lambda f: f.get("event") == "peer_left")
-        self.assertEqual(left["eventData"]["name"], "bob")
+        yield wait_until(lambda: events(carol, "peer_left"), what="bob's peer_left")
+        self.assertEqual(events(carol, "peer_left")[0]["eventData"]["name"], "bob")
 
     @defer.inlineCallbacks
     def test_replacement_kick_and_ban(self):
@@ -270,7 +278,7 @@ class ThreeNodeTests(ClusterProcessMixin, TestCase):
         yield wait_until(lambda: len(bob.received) == 10, what="pushes before the kill")
         killed_at = reactor.seconds()
         yield self.nodes[1].kill()
-        yield watcher.wait_for(lambda f: f.get("event") == "peer_left", timeout=30)
+        yield wait_until(lambda: events(watcher, "peer_left"), 30, "bob's peer_left")
         self.assertLess(reactor.seconds() - killed_at, 30)
         back = yield self.peer(m["bob"], self.nodes[2], session_id="back")
         yield wait_until(lambda: len(back.received) == 10, timeout=20, what="redelivery")
