@@ -348,6 +348,30 @@ class CrossNodeTests(SynchronousTestCase):
         self.fx.clock.advance(HELLO_COMMIT_WAIT)
         self.assertEqual(results[0][1]["type"], "hello_ack")
 
+    def test_own_sessions_elsewhere(self):
+        """
+        set_status, set_summary, join_group and leave_group with all or a
+        sessionId reach the member's sessions on other nodes too.
+        """
+        self.connect(self.alice)
+        other = self.fx.peer_on(1, self.alice)
+        self.connect(other, session_id="s2")
+        self.alice.request({"type": "set_status", "status": "dnd", "source": "manual",
+                            "all": True})
+        self.alice.request({"type": "set_summary", "summary": "both", "sessionId": "s2"})
+        self.alice.request({"type": "join_group", "name": "ops", "all": True})
+        self.fx.flush()
+        remote = other.session
+        self.assertEqual((remote.status.status, remote.summary, sorted(remote.groups)),
+                         ("dnd", "both", ["ops"]))
+        self.assertEqual(self.alice.session.status.status, "dnd")
+        self.alice.request({"type": "leave_group", "name": "ops", "all": True})
+        self.fx.flush()
+        self.assertEqual(remote.groups, {})
+        reply = self.alice.request({"type": "set_status", "status": "idle", "source": "manual",
+                                    "sessionId": "nope"})
+        self.assertEqual(reply.code, "not_found")
+
     def test_hook_for_session_elsewhere(self):
         """A signed hook report arriving at one node sets the status of a session on another."""
         self.connect(self.alice, self.bob)

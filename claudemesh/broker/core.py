@@ -101,6 +101,7 @@ class Broker(service.Service):
                                      settings, self.replays, notify=notify)
         self.remote = RemotePresence(self.meshes, store, self.cluster, self.presence,
                                      self.delivery, self.membership, self.hooks, clock, settings)
+        self.cluster.on("own", self.remote.for_cached_mesh(self.status.noticed_own))
         self.audit = AuditLog(store, self.writes, settings)
         self._sweeper = None
         self.cluster.on_rescan(self._rescan)

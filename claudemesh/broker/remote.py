@@ -19,7 +19,10 @@ C{u} a member id):
     reason C{r}, ending C{e} (a disconnect or kick elsewhere);
   - C{mesh}: the members changed (a join, role, ban, unban or departure);
   - C{hook} C{{u, p | sid, s}}: a hook report for a session held here, or
-    to keep until its hello.
+    to keep until its hello;
+  - C{own} C{{p: [...], op, ...}}: a member's C{set_status}, C{set_summary},
+    C{join_group} or C{leave_group} with C{sessionId}/C{all} for its
+    sessions held here (L{claudemesh.broker.status.StatusBoard.noticed_own}).
 
 Rows are read one at a time, in the order their notices came, so a
 session's view never goes back to an older row.
@@ -61,13 +64,13 @@ class RemotePresence:
                               ("gone", self._dead), ("repl", self._replaced),
                               ("end", self._end), ("mesh", self._members),
                               ("hook", self._hook)):
-            cluster.on(kind, self._for_cached_mesh(handler))
+            cluster.on(kind, self.for_cached_mesh(handler))
         cluster.on_rescan(self.rescan)
 
     def _now(self):
         return int(self._clock.seconds() * 1000)
 
-    def _for_cached_mesh(self, handler):
+    def for_cached_mesh(self, handler):
         # A mesh not in memory here has nobody here to tell: it is read
         # whole from the store when someone needs it.
         def handle(notice):

@@ -69,6 +69,11 @@ def may_receive(status, priority) -> bool:
     return priority in DELIVERABLE[status]
 
 
+def _valid_role(role):
+    return role is None or (isinstance(role, str) and len(role) <= protocol.MAX_NAME_LENGTH
+                            and not protocol.has_nul(role))
+
+
 def _group_entry(name, role):
     entry = {"name": name}
     if role:
@@ -128,18 +133,33 @@ class StatusBoard:
         return int(self._clock.seconds() * 1000)
 
     def _own_targets(self, session, session_id, all_sessions):
+        # On every node (issue 15): another node's sessions of the member
+        # are reached through a notice (_here).
+        mesh, member_id = session.mesh, session.member.id
+        mine = mesh.sessions_of(member_id) + mesh.remote_of(member_id)
         if all_sessions:
             # "All my sessions" are the member's peers, not a watching UI.
-            return [s for s in session.mesh.sessions_of(session.member.id) if not s.watch]
+            return [s for s in mine if not s.watch]
         if session_id is None or session_id == session.session_id:
             return [session]
-        for s in session.mesh.sessions_of(session.member.id):
+        for s in mine:
             if s.session_id == session_id:
                 return [s]
         raise protocol.Refusal("not_found", "no session %r of yours is connected" % (session_id,))
 
+    def _here(self, session, targets, op, **data):
+        """
+        The targets held by this node; the others' nodes get an C{own}
+        notice to do C{op} to theirs (L{noticed_own}).
+        """
+        elsewhere = [t.presence_id for t in targets if t.remote]
+        if elsewhere:
+            self._notify("own", session.mesh.id, p=elsewhere, op=op, **data)
+        return [t for t in targets if not t.remote]
+
     def set_status(self, session, frame):
-        for target in self._own_targets(session, frame.sessionId, frame.all):
+        targets = self._own_targets(session, frame.sessionId, frame.all)
+        for target in self._here(session, targets, "status", s=frame.status, src=frame.source):
             self.signal(target, frame.status, frame.source)
 
     def signal(self, session, status, source):
@@ -167,10 +187,14 @@ class StatusBoard:
             self._delivery.wake(session)
 
     def set_summary(self, session, frame):
-        for target in self._own_targets(session, frame.sessionId, frame.all):
-            target.summary = frame.summary
-            self._writes.update_session(target.presence_id, {"summary": frame.summary})
-            self._tell_watchers(target)
+        targets = self._own_targets(session, frame.sessionId, frame.all)
+        for target in self._here(session, targets, "summary", summary=frame.summary):
+            self._summary(target, frame.summary)
+
+    def _summary(self, target, summary):
+        target.summary = summary
+        self._writes.update_session(target.presence_id, {"summary": summary})
+        self._tell_watchers(target)
 
     def join_group(self, session, frame):
         # The calling session, another of its member's (sessionId) or all
@@ -183,21 +207,51 @@ class StatusBoard:
                 raise protocol.Refusal(
                     "too_many_groups", "a session holds at most %d groups; leave one first"
                     % (protocol.MAX_GROUPS,))
-        for target in targets:
-            target.groups[frame.name] = frame.role
+        for target in self._here(session, targets, "join", name=frame.name, role=frame.role):
+            self._join(target, frame.name, frame.role)
+
+    def _join(self, target, name, role):
+        target.groups[name] = role
+        self._writes.update_session(target.presence_id, {"groups": tuple(sorted(target.groups))})
+        self._tell_watchers(target)
+        # Deliveries to @that-group may be waiting for a session in it.
+        self._delivery.wake(target)
+
+    def leave_group(self, session, frame):
+        targets = self._own_targets(session, frame.sessionId, frame.all)
+        for target in self._here(session, targets, "leave", name=frame.name):
+            self._leave(target, frame.name)
+
+    def _leave(self, target, name):
+        if name in target.groups:
+            del target.groups[name]
             self._writes.update_session(
                 target.presence_id, {"groups": tuple(sorted(target.groups))})
             self._tell_watchers(target)
-            # Deliveries to @that-group may be waiting for a session in it.
-            self._delivery.wake(target)
 
-    def leave_group(self, session, frame):
-        for target in self._own_targets(session, frame.sessionId, frame.all):
-            if frame.name in target.groups:
-                del target.groups[frame.name]
-                self._writes.update_session(
-                    target.presence_id, {"groups": tuple(sorted(target.groups))})
-                self._tell_watchers(target)
+    def noticed_own(self, mesh, notice):
+        """
+        An C{own} notice from another node: a member's request (through
+        that node) about its sessions held here — checked again, since a
+        notice is only as good as its contents.
+        """
+        data = notice.data
+        op, name, role = data.get("op"), data.get("name"), data.get("role")
+        for presence_id in data.get("p", ()):
+            target = mesh.sessions.get(presence_id)
+            if target is None:
+                continue
+            if op == "status" and data.get("s") in DELIVERABLE and data.get("src") in RANK:
+                self.signal(target, data["s"], data["src"])
+            elif op == "summary" and (data.get("summary") is None or (
+                    isinstance(data["summary"], str)
+                    and len(data["summary"]) <= protocol.MAX_SUMMARY_LENGTH)):
+                self._summary(target, data["summary"])
+            elif op == "join" and protocol.is_valid_group(name) and _valid_role(role) and (
+                    name in target.groups or len(target.groups) < protocol.MAX_GROUPS):
+                self._join(target, name, role)
+            elif op == "leave" and isinstance(name, str):
+                self._leave(target, name)
 
     def _tell_watchers(self, session):
         """
