@@ -11,6 +11,7 @@ Each test class works in a database of its own, dropped afterwards; every
 process and connection is gone when each test ends.
 """
 
+import atexit
 import json
 import os
 import random
@@ -45,10 +46,15 @@ def create_database(maintenance_dsn):
     name = "claudemesh_cluster_%d_%06x" % (os.getpid(), random.getrandbits(24))
     pg.run(maintenance_dsn, 'CREATE DATABASE "%s"' % (name,))
     dsn = _dsn(maintenance_dsn, name)
+    dropped = []
 
     def drop():
-        pg.run(maintenance_dsn, 'DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % (name,))
+        if not dropped:
+            dropped.append(True)
+            pg.run(maintenance_dsn, 'DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % (name,))
 
+    # trial does not run tearDownClass: the process's exit drops it for sure.
+    atexit.register(drop)
     return dsn, drop
 
 
@@ -116,20 +122,14 @@ class ClusterProcessMixin:
     def setUp(self):
         cls = type(self)
         if cls.database is None:
-            cls.database, drop = create_database(PG_DSN)
-            cls._drop = staticmethod(drop)
+            # Dropped when the test process exits.
+            cls.database, _ = create_database(PG_DSN)
         self.url = as_url(cls.database)
         # One schema per test: a fresh cluster each time.
         self.schema = pg.new_schema()
         self.addCleanup(pg.drop_schema, cls.database, self.schema)
         self.peers = []
         self.addCleanup(self._close_peers)
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.database is not None:
-            cls._drop()
-            cls.database = None
 
     @defer.inlineCallbacks
     def _close_peers(self):
