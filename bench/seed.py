@@ -84,8 +84,10 @@ def seed_sqlite(path, delivered, queued, now=None):
         connection.execute("BEGIN")
         series = ("(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
                   " WHERE x < %s) SELECT x FROM c)")
-        for sql, params in _statements("lower(hex(randomblob(16)))", series, delivered,
-                                       queued, now):
+        # Ids as the broker makes them (claudemesh.broker.ids.new_message_id):
+        # the creation time in 12 hex digits, then 80 random bits.
+        ids = "printf('%%012x', %d) || lower(hex(randomblob(10)))" % (now - HOUR_MS,)
+        for sql, params in _statements(ids, series, delivered, queued, now):
             connection.execute(sql.replace("%s", "?").replace("%%", "%"), params)
         connection.execute("COMMIT")
         # No ANALYZE: the broker never runs it, so its SQLite plans without
@@ -110,8 +112,9 @@ def seed_postgres(database_url, schema, delivered, queued, now=None):
         with connection, connection.cursor() as cursor:
             cursor.execute('SET search_path TO "%s"' % (schema,))
             series = "generate_series(1, %s) AS x"
-            for sql, params in _statements("md5(x::text || random()::text)", series,
-                                           delivered, queued, now):
+            ids = ("lpad(to_hex(%d::bigint), 12, '0')"
+                   " || left(md5(x::text || random()::text), 20)" % (now - HOUR_MS,))
+            for sql, params in _statements(ids, series, delivered, queued, now):
                 cursor.execute(sql, params)
             # The broker's seq continues after the seeded ones. (VACUUM ANALYZE
             # below: autovacuum gathers statistics on a real server too.)

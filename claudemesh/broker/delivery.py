@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from claudemesh import protocol
 from claudemesh.audit import iso_millis
 from claudemesh.broker import pages
-from claudemesh.broker.ids import new_id
+from claudemesh.broker.ids import new_message_id
 from claudemesh.broker.outbox import OutboxCore, new_outbox
 from claudemesh.broker.ratelimit import TokenBuckets
 from claudemesh.broker.sessions import expand_groups, group_matches
@@ -257,7 +257,7 @@ class Delivery:
             return refused("unknown_target", "unknown_target")
         now = self._now()
         message = NewMessage(
-            id=new_id(),
+            id=new_message_id(now),
             mesh_id=session.mesh.id,
             sender_member_id=session.member.id,
             sender_pubkey=session.pubkey,
