@@ -11,7 +11,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudemesh.client import config as configuration
-from claudemesh.client import meshkeys
+from claudemesh.client import keyring
 from tests import test_cli_commands
 
 
@@ -38,7 +38,7 @@ class KeyRotationCLITests(SynchronousTestCase):
         """
         directory = os.path.join(self.dir, who)
         [entry] = configuration.load(directory).meshes
-        return meshkeys.KeyRing.of_entry(entry).epochs()
+        return keyring.KeyRing.of_entry(entry).epochs()
 
     def received(self, listener, text, timeout=15):
         """

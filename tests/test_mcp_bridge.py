@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudemesh.client import connection, meshkeys, messages
+from claudemesh.client import connection, keyring, meshkeys, messages
 from claudemesh.mcpserver import bridge
 from tests.test_client_units import make_entry
 
@@ -42,7 +42,7 @@ class FakeClient:
                        "sessionId": session_id, "status": "working", "groups": []}]
         self.done = defer.Deferred()
         self.key_status = None
-        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(entry))
+        self.mesh_keys = meshkeys.EpochKeys(self, keyring.KeyRing.of_entry(entry))
 
     def start(self):
         return defer.succeed(self.hello_ack)

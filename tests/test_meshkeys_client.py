@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from claudemesh import crypto
 from claudemesh.client import config as configuration
-from claudemesh.client import meshkeys, messages
+from claudemesh.client import keyring, messages
 from claudemesh.client.connection import ClientError
 from claudemesh.store.postgres import PostgresStore
 from tests import pg, test_client_broker
@@ -98,7 +98,7 @@ class RotationAgainstBrokerTests(unittest.TestCase):
         ack = yield self.owner.send_text("*", "before the ban")
         self.assertEqual((yield bob_inbox.next()).text, "before the ban")
         # Everything bob ever held: his invite link's key and epoch 1's.
-        bob_keys = [meshkeys.KeyRing.of_entry(self.bob_entry).get(e) for e in (0, 1)]
+        bob_keys = [keyring.KeyRing.of_entry(self.bob_entry).get(e) for e in (0, 1)]
         self.assertNotIn(None, bob_keys)
         yield self.owner.request({"type": "ban", "target": "bob"})
         yield bob.when_done().addErrback(lambda f: None)
@@ -127,10 +127,10 @@ class RotationAgainstBrokerTests(unittest.TestCase):
         yield self.owner.send_text("*", "welcome back")
         inbound = yield bob_inbox.next()
         self.assertEqual((inbound.text, inbound.error), ("welcome back", None))
-        path = meshkeys.keyring_path(self.bob_entry.directory, self.bob_entry.meshId)
+        path = keyring.keyring_path(self.bob_entry.directory, self.bob_entry.meshId)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
-        self.assertEqual(meshkeys.KeyRing.of_entry(self.bob_entry).epochs(), [0, 1])
+        self.assertEqual(keyring.KeyRing.of_entry(self.bob_entry).epochs(), [0, 1])
 
     @defer.inlineCallbacks
     def test_stale_sender_seals_again(self):

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from claudemesh import crypto
 from claudemesh.client import config as configuration
-from claudemesh.client import meshkeys, messages
+from claudemesh.client import keyring, meshkeys, messages
 from claudemesh.client.connection import RequestError
 
 
@@ -48,17 +48,17 @@ class SealedCopyTests(unittest.TestCase):
 class KeyRingTests(unittest.TestCase):
     def setUp(self):
         self.directory = self.mktemp()
-        self.path = meshkeys.keyring_path(self.directory, "mesh1")
+        self.path = keyring.keyring_path(self.directory, "mesh1")
 
     def test_file_is_private_and_merged(self):
         """Keys go to a 0600 file in a 0700 directory; two writers keep each other's keys."""
-        one = meshkeys.KeyRing("mesh1", {0: b"a" * 32}, self.path)
-        two = meshkeys.KeyRing("mesh1", {}, self.path)
+        one = keyring.KeyRing("mesh1", {0: b"a" * 32}, self.path)
+        two = keyring.KeyRing("mesh1", {}, self.path)
         one.put(1, b"b" * 32)
         two.put(2, b"c" * 32)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
-        again = meshkeys.KeyRing("mesh1", {0: b"a" * 32}, self.path)
+        again = keyring.KeyRing("mesh1", {0: b"a" * 32}, self.path)
         self.assertEqual(again.epochs(), [0, 1, 2])
         self.assertEqual((again.get(2), again.newest()), (b"c" * 32, 2))
         # The invite link's key stays in config.json only.
@@ -72,7 +72,7 @@ class KeyRingTests(unittest.TestCase):
                      '{"version": 1, "keys": {"1": "short"}}'):
             with open(self.path, "w") as f:
                 f.write(text)
-            self.assertRaises(meshkeys.KeyRingError, meshkeys.KeyRing, "mesh1", {}, self.path)
+            self.assertRaises(keyring.KeyRingError, keyring.KeyRing, "mesh1", {}, self.path)
             with open(self.path) as f:
                 self.assertEqual(f.read(), text)
 
@@ -83,12 +83,12 @@ class KeyRingTests(unittest.TestCase):
         entry = configuration.MeshEntry(
             "mesh1", "u1", "team", "team", identity.pubkey, identity.secret_hex, "ws://x/ws",
             "2026-01-01T00:00:00.000Z", crypto.encode_mesh_key(key), meshKeyEpoch=3)
-        ring = meshkeys.KeyRing.of_entry(entry)
+        ring = keyring.KeyRing.of_entry(entry)
         self.assertEqual((ring.epochs(), ring.get(3), ring.path), ([3], key, None))
         configuration.save(self.directory, configuration.Config([entry]))
         loaded = configuration.load(self.directory).find("team")
         self.assertEqual((loaded.meshKeyEpoch, loaded.directory), (3, self.directory))
-        self.assertEqual(meshkeys.KeyRing.of_entry(loaded).path, self.path)
+        self.assertEqual(keyring.KeyRing.of_entry(loaded).path, self.path)
 
 
 class ConfigFieldTests(unittest.TestCase):
@@ -147,8 +147,12 @@ class ScriptedClient:
         self.mesh = entry
         self.hello_ack = {"role": "member"}
         self.requests = []
+        # The members_list rows a list_members is answered with at once.
+        self.members = []
 
     def request(self, frame, timeout=None):
+        if frame["type"] == "list_members":
+            return defer.succeed({"type": "members_list", "members": self.members})
         d = defer.Deferred()
         self.requests.append((frame, d))
         return d
@@ -163,18 +167,30 @@ class EpochKeysTests(unittest.TestCase):
             "mesh1", "u1", "team", "team", self.me.pubkey, self.me.secret_hex, "ws://x/ws",
             "2026-01-01T00:00:00.000Z", crypto.encode_mesh_key(self.link_key))
         self.client = ScriptedClient(self.entry)
-        self.keys = meshkeys.EpochKeys(self.client, meshkeys.KeyRing.of_entry(self.entry))
+        self.keys = meshkeys.EpochKeys(self.client, keyring.KeyRing.of_entry(self.entry))
         self.handed = []
 
     def hand(self, frame):
         opened = messages.open_push(frame, self.me, key_of_epoch=self.keys.key_of)
         self.handed.append((frame["messageId"], opened.text, opened.error))
 
-    def answer_copy(self, index, epoch, key):
+    def answer_copy(self, index, epoch, key, sealer=None, sealed_by=None, roles=None):
+        """
+        Answer request C{index} (a C{get_mesh_key}) with a copy of C{key}
+        sealed by C{sealer} (the admin) and naming C{sealed_by} (the
+        sealer's key) as its sealer, the members listed with C{roles}
+        (pubkey → role; the admin and this member).
+        """
+        sealer = sealer or self.admin
+        if roles is None:
+            roles = {self.admin.pubkey: "admin", self.me.pubkey: "member"}
+        self.client.members = [{"name": "m%d" % (i,), "memberPubkey": pubkey, "role": role}
+                               for i, (pubkey, role) in enumerate(roles.items())]
         frame, d = self.client.requests[index]
         self.assertEqual(frame, {"type": "get_mesh_key", "epoch": epoch})
-        d.callback({"type": "mesh_key", "epoch": epoch, "sealedBy": self.admin.pubkey,
-                    "sealedKey": crypto.seal_mesh_key(self.admin, self.me.pubkey, "mesh1",
+        d.callback({"type": "mesh_key", "epoch": epoch,
+                    "sealedBy": sealer.pubkey if sealed_by is None else sealed_by,
+                    "sealedKey": crypto.seal_mesh_key(sealer, self.me.pubkey, "mesh1",
                                                       epoch, key)})
 
     def test_hello_fetches_the_current_key(self):
@@ -186,6 +202,63 @@ class EpochKeysTests(unittest.TestCase):
         self.answer_copy(0, 2, key)
         self.assertEqual(self.keys.key_of(2), key)
         self.assertEqual(self.successResultOf(sealing), (2, key))
+
+    def assertRefused(self, epoch, sealing, words):
+        """
+        The copy of C{epoch} was not stored, and sealing under it fails
+        with a NoKey naming the epoch and C{words}.
+        """
+        self.assertIsNone(self.keys.key_of(epoch))
+        failure = self.failureResultOf(sealing, meshkeys.NoKey)
+        self.assertIn("refused the mesh key of epoch %d" % (epoch,), str(failure.value))
+        self.assertIn(words, str(failure.value))
+        self.assertIn("the key was not stored", str(failure.value))
+        self.assertEqual(self.keys.refused[epoch], str(failure.value))
+
+    def test_copy_sealed_by_a_stranger_refused(self):
+        """A copy the broker says a key of its own sealed (no member) is refused."""
+        broker = crypto.Identity.generate()
+        self.keys.hello({"keyEpoch": 2})
+        sealing = self.keys.sealing_key()
+        self.answer_copy(0, 2, crypto.new_mesh_key(), sealer=broker)
+        self.assertRefused(2, sealing, "sealed by the key %s…, which is not an owner or"
+                                       " admin of this mesh" % (broker.pubkey[:16],))
+        # Not asked again on this connection, and pushes of that epoch say so.
+        self.keys.admit(push(2, crypto.new_mesh_key(), "x", "m1"), self.hand)
+        self.assertEqual(len(self.client.requests), 1)
+        self.assertEqual(self.handed, [("m1", None, "cannot decrypt: sealed under key epoch 2,"
+                                                    " which this member never received")])
+
+    def test_copy_sealed_by_a_plain_member_refused(self):
+        """A copy sealed by a member who is neither owner nor admin is refused."""
+        self.keys.hello({"keyEpoch": 1})
+        sealing = self.keys.sealing_key()
+        self.answer_copy(0, 1, crypto.new_mesh_key(),
+                         roles={self.admin.pubkey: "member", self.me.pubkey: "member"})
+        self.assertRefused(1, sealing, "not an owner or admin")
+
+    def test_copy_naming_an_admin_it_was_not_sealed_by_refused(self):
+        """A copy sealed by another key but naming the admin as sealer does not open."""
+        self.keys.hello({"keyEpoch": 1})
+        sealing = self.keys.sealing_key()
+        self.answer_copy(0, 1, crypto.new_mesh_key(), sealer=crypto.Identity.generate(),
+                         sealed_by=self.admin.pubkey)
+        self.assertRefused(1, sealing, "does not open as this mesh's key of that epoch")
+
+    def test_malformed_sealer_shown_as_no_key(self):
+        """A sealedBy that is no key (escapes, a number) is not echoed."""
+        self.keys.hello({"keyEpoch": 1})
+        sealing = self.keys.sealing_key()
+        self.answer_copy(0, 1, crypto.new_mesh_key(), sealed_by="\x1b[2J")
+        self.assertRefused(1, sealing, "sealed by no member key")
+
+    def test_owner_sealer_accepted(self):
+        """A copy sealed by the mesh's owner is taken."""
+        key = crypto.new_mesh_key()
+        self.keys.hello({"keyEpoch": 1})
+        self.answer_copy(0, 1, key, roles={self.admin.pubkey: "owner"})
+        self.assertEqual(self.keys.key_of(1), key)
+        self.assertEqual(self.keys.refused, {})
 
     def test_pushes_wait_in_order(self):
         """A push whose key is being fetched holds the pushes after it, in order."""

@@ -21,8 +21,14 @@ from tests.test_ui_server import UITestCase, bob_rows
 
 
 class UIInviteTests(UITestCase):
-    def sealed_for_me(self, epoch, key):
+    def sealed_for_me(self, epoch, key, role="admin"):
+        """
+        A C{mesh_key} reply: C{key} sealed for the page's member by a new
+        key the member list shows with C{role}.
+        """
         sealer = crypto.Identity.generate()
+        self.clients[0].replies["list_members"]["members"].append(
+            {"name": "carol", "memberPubkey": sealer.pubkey, "role": role})
         return {"type": "mesh_key", "epoch": epoch, "sealedBy": sealer.pubkey,
                 "sealedKey": crypto.seal_mesh_key(sealer, self.entry.pubkey, self.entry.meshId,
                                                   epoch, key)}
@@ -63,6 +69,21 @@ class UIInviteTests(UITestCase):
         self.assertEqual((parsed.mesh_key, parsed.mesh_key_epoch, parsed.key_checked),
                          (rotated, 4, True))
         self.assertEqual(document["keyEpoch"], 4)
+
+
+    def test_invite_with_a_forged_copy_refused(self):
+        """A copy sealed by no owner or admin is refused; the invite says why, naming the epoch."""
+        self.connected()
+        client = self.clients[0]
+        client.replies["create_invite"] = {"inviteId": "inv3", "expiresAt": 1_900_000_000}
+        client.replies["get_mesh_key"] = self.sealed_for_me(4, crypto.new_mesh_key(),
+                                                            role="member")
+        client.mesh_keys.hello({"keyEpoch": 4})
+        response = self.post("/api/invite", {"role": "member"})
+        self.assertEqual(response.code, 409)
+        self.assertIn("refused the mesh key of epoch 4: its copy was sealed by the key",
+                      self.json(response)["message"])
+        self.assertIsNone(client.mesh_keys.key_of(4))
 
 
 class UIRotationTests(UITestCase):

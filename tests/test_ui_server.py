@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from claudemesh import crypto
-from claudemesh.client import config, connection, history, meshkeys
+from claudemesh.client import config, connection, history, keyring, meshkeys
 from claudemesh.webui import server, watch
 from tests.test_client_units import make_entry
 
@@ -45,7 +45,7 @@ class FakeClient:
         self.stopped = False
         self.replies = {}
         self._done = defer.Deferred()
-        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(entry))
+        self.mesh_keys = meshkeys.EpochKeys(self, keyring.KeyRing.of_entry(entry))
 
     @property
     def pubkey(self):

@@ -35,7 +35,7 @@ from claudemesh.cli.session import (
     with_mesh,
 )
 from claudemesh.client import config as configuration
-from claudemesh.client import membership, meshkeys, messages
+from claudemesh.client import keyring, membership, meshkeys, messages
 
 
 def cmd_list(arguments, environ):
@@ -331,7 +331,7 @@ def cmd_join(reactor, arguments, environ):
         pass
     if existing:
         # Issue 17: the key of the entry replaced stays in the key ring.
-        meshkeys.keep_replaced_key(existing[0], entry)
+        keyring.keep_replaced_key(existing[0], entry)
         entry.slug = existing[0].slug
         entry.groups = existing[0].groups
         entry.extra = existing[0].extra

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from claudemesh import crypto, protocol
-from claudemesh.client import meshkeys, messages
+from claudemesh.client import keyring, meshkeys, messages
 from claudemesh.client.closes import (  # noqa: F401 (the client's policy, used as connection.X)
     RECONNECT,
     STOP,
@@ -177,7 +177,7 @@ class MeshClient(Requests):
         self._random = random
         self._endpoint_factory = endpoint_factory
         # Issue 17: the mesh's keys by epoch (claudemesh.client.meshkeys).
-        self.mesh_keys = meshkeys.EpochKeys(self, meshkeys.KeyRing.of_entry(mesh))
+        self.mesh_keys = meshkeys.EpochKeys(self, keyring.KeyRing.of_entry(mesh))
         self.history = history
 
         self.hello_ack = None

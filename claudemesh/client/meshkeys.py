@@ -21,16 +21,11 @@ under an older epoch from then on. Every client then:
     rotation): at hello (C{keyStatus.withoutKey}) and when one asks
     (C{mesh_key_wanted}).
 
-The key ring is C{<config dir>/keys/<meshId>.json} (0600, in a 0700
-directory): C{{version: 1, meshId, keys: {"<epoch>": "<base64url key>"}}},
-rewritten atomically under an exclusive lock, so a long-lived client adding
-a key never races a command rewriting C{config.json}. The epoch of the key
-in C{config.json} (C{meshKey}, from the invite link or C{claudemesh new}) is
-C{meshKeyEpoch}.
+The key ring (every epoch's key this member holds) is
+L{claudemesh.client.keyring}.
 """
 
 import json
-import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,10 +33,7 @@ from twisted.logger import Logger
 from claudemesh import crypto
 from claudemesh.client import config as configuration
 from claudemesh.client import messages
-from claudemesh.client.history import FileLock, mesh_file_name
 
-KEYS_DIR = "keys"
-KEYRING_VERSION = 1
 MODERATORS = ("owner", "admin")
 # How many times a rotation is tried again when the members or the epoch
 # changed while its copies were sealed.
@@ -52,109 +44,53 @@ DEFAULT_FRAME_BYTES = 65536
 FRAME_ENVELOPE_BYTES = 512
 
 
-class KeyRingError(configuration.ConfigError):
-    """
-    The key ring file cannot be read; it is left as it is.
-    """
-
-
-def keyring_path(directory, mesh_id):
-    return os.path.join(directory, KEYS_DIR, mesh_file_name(mesh_id) + ".json")
-
-
-def _read(path):
-    try:
-        with open(path, "rb") as f:
-            document = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise KeyRingError("the key ring %s is unreadable (%s); it was left as it is."
-                           % (path, e)) from None
-    keys = document.get("keys") if isinstance(document, dict) else None
-    if document.get("version") != KEYRING_VERSION or not isinstance(keys, dict):
-        raise KeyRingError("%s is not a claudemesh key ring; it was left as it is." % (path,))
-    found = {}
-    for epoch, text in keys.items():
-        try:
-            found[int(epoch)] = crypto.decode_mesh_key(text)
-        except (ValueError, TypeError, AttributeError):
-            raise KeyRingError("the key ring %s holds a malformed key for epoch %r; it was left"
-                               " as it is." % (path, epoch)) from None
-    return found
-
-
-class KeyRing:
-    """
-    The keys of one mesh by epoch: the config entry's, and the key ring
-    file's (when the entry came from a config directory).
-    """
-
-    def __init__(self, mesh_id, keys=None, path=None):
-        self.mesh_id = mesh_id
-        self.path = path
-        self._keys = dict(keys or {})
-        if path is not None:
-            self._keys.update(_read(path))
-
-    @classmethod
-    def of_entry(cls, entry):
-        keys = {}
-        if entry.mesh_key is not None:
-            keys[entry.meshKeyEpoch] = entry.mesh_key
-        path = keyring_path(entry.directory, entry.meshId) if entry.directory else None
-        return cls(entry.meshId, keys, path)
-
-    def get(self, epoch):
-        return self._keys.get(epoch)
-
-    def epochs(self):
-        return sorted(self._keys)
-
-    def newest(self):
-        """
-        The highest epoch held, or C{None}.
-        """
-        return max(self._keys) if self._keys else None
-
-    def put(self, epoch, key):
-        """
-        Keep C{key} as the key of C{epoch}, in the file too.
-        """
-        self._keys[epoch] = key
-        if self.path is None:
-            return
-        directory = os.path.dirname(self.path)
-        configuration.ensure_dir(os.path.dirname(directory))
-        configuration.ensure_dir(directory)
-        with FileLock(self.path + ".lock"):
-            # Another process may have added keys meanwhile: merge.
-            keys = _read(self.path)
-            keys[epoch] = key
-            document = {"version": KEYRING_VERSION, "meshId": self.mesh_id, "keys": {
-                str(e): crypto.encode_mesh_key(k) for e, k in sorted(keys.items())}}
-            configuration.atomic_write(
-                self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
-
-
-def keep_replaced_key(old, new):
-    """
-    A config entry about to be replaced by C{new}, of the same mesh (a
-    re-join): keep C{old}'s key in the key ring when C{new} carries another,
-    so what was sealed under its epoch stays readable.
-    """
-    if old.mesh_key is None or not old.directory:
-        return
-    if (old.meshKeyEpoch, old.mesh_key) == (new.meshKeyEpoch, new.mesh_key):
-        return
-    KeyRing(old.meshId, path=keyring_path(old.directory, old.meshId)).put(
-        old.meshKeyEpoch, old.mesh_key)
-
-
 class NoKey(Exception):
     """
     This member holds no key for the epoch it must seal under.
     """
+
+
+class RefusedCopy(Exception):
+    """
+    A sealed copy of a mesh key this client does not take.
+    """
+
+
+def _sealer_text(sealer):
+    # The broker's words: shown only when they are a key (no escapes).
+    if crypto.is_pubkey(sealer):
+        return "the key %s…" % (sealer[:16],)
+    return "no member key"
+
+
+def open_sealed_copy(identity, mesh_id, epoch, reply, members):
+    """
+    The key of C{epoch} from the broker's C{mesh_key} reply to
+    C{get_mesh_key}, taken only when its C{sealedBy} is the member key of a
+    member C{members} (C{members_list} rows) names as an owner or admin of
+    the mesh. Every client (CLI, MCP server, UI) opens copies here.
+
+    Both are the broker's word: a dishonest broker can still seal a key of
+    its own making, but only by listing a member of its own as an admin,
+    whom C{claudemesh members} and the audit log show; without this check
+    it could use any key pair, seen nowhere (docs/security.md).
+
+    @raise RefusedCopy: sealed by anyone else, or not opening as the key
+        of C{epoch} of this mesh for this member.
+    """
+    sealer = reply.get("sealedBy")
+    roles = {m.get("memberPubkey"): m.get("role") for m in members if isinstance(m, dict)}
+    if not isinstance(sealer, str) or roles.get(sealer) not in MODERATORS:
+        raise RefusedCopy(
+            "refused the mesh key of epoch %d: its copy was sealed by %s, which is not an"
+            " owner or admin of this mesh; the key was not stored" % (epoch, _sealer_text(sealer)))
+    try:
+        return crypto.open_mesh_key(identity, sealer, mesh_id, epoch,
+                                    reply.get("sealedKey") or "")
+    except crypto.DecryptionFailed:
+        raise RefusedCopy("refused the mesh key of epoch %d: its sealed copy does not open as"
+                          " this mesh's key of that epoch; the key was not stored"
+                          % (epoch,)) from None
 
 
 def _epoch(value):
@@ -172,6 +108,8 @@ class EpochKeys:
     @ivar shared: C{(name, epoch)} of the copies this client sealed for
         members who had none.
     @ivar rotated: the epoch this client rotated to, if it did.
+    @ivar refused: epoch → why its sealed copy was refused
+        (L{open_sealed_copy}).
     """
 
     _log = Logger()
@@ -185,6 +123,7 @@ class EpochKeys:
         self.status = None
         self.shared = []
         self.rotated = None
+        self.refused = {}
         self._fetching = {}
         self._asked = set()
         self._held = None
@@ -312,12 +251,19 @@ class EpochKeys:
         except ClientError:
             return None
         try:
-            key = crypto.open_mesh_key(entry.identity, reply.get("sealedBy") or "",
-                                       entry.meshId, epoch, reply.get("sealedKey") or "")
-        except crypto.DecryptionFailed:
-            self._asked.add(epoch)
-            self._log.warn("the sealed mesh key of epoch {epoch} does not open", epoch=epoch)
+            # Who may seal a copy: asked after the copy, so a role granted
+            # meanwhile counts.
+            members = yield self.members()
+        except ClientError:
             return None
+        try:
+            key = open_sealed_copy(entry.identity, entry.meshId, epoch, reply, members)
+        except RefusedCopy as e:
+            self._asked.add(epoch)
+            self.refused[epoch] = str(e)
+            self._log.warn("{refusal}", refusal=str(e))
+            return None
+        self.refused.pop(epoch, None)
         self._keep(epoch, key)
         return key
 
@@ -345,6 +291,8 @@ class EpochKeys:
         if key is None:
             if epoch == 0:
                 raise NoKey("this mesh has no mesh key in the config; broadcasts need one")
+            if epoch in self.refused:
+                raise NoKey(self.refused[epoch])
             raise NoKey("this member has no key for the mesh's current key epoch %d: an owner"
                         " or admin's client seals one for it when it next connects" % (epoch,))
         return epoch, key
@@ -399,6 +347,8 @@ class EpochKeys:
         """
         epoch = self.current if self.current is not None else (self.ring.newest() or 0)
         key = self.ring.get(epoch)
+        if key is None and epoch in self.refused:
+            raise NoKey(self.refused[epoch])
         if key is None:
             raise NoKey("this member does not hold the mesh key of the current epoch %d: an"
                         " invite with an older one could not read broadcasts" % (epoch,))
@@ -537,8 +487,13 @@ class EpochKeys:
         left since it was rotated.
         """
         epoch = self.current if self.current is not None else 0
-        line = "key epoch %d (%s)" % (epoch, "held" if self.ring.get(epoch) is not None
-                                      else "not held: broadcasts unreadable")
+        if self.ring.get(epoch) is not None:
+            held = "held"
+        else:
+            held = "not held: broadcasts unreadable"
+            if epoch in self.refused:
+                held += "; " + self.refused[epoch]
+        line = "key epoch %d (%s)" % (epoch, held)
         status = self.status or {}
         departed = status.get("departedSinceRotation")
         if self._moderator() and isinstance(departed, list) and departed:
