@@ -111,6 +111,51 @@ class KeyRotationCLITests(SynchronousTestCase):
         self.assertEqual((code, out), (0, "Unbanned bob.\n"))
         self.assertNotIn("rotate-key", err)
 
+    def test_unban_after_a_rotating_ban_rotates_again(self):
+        """
+        ban (epoch 1 without bob), unban: epoch 1 is never shared with bob;
+        the unban rotates to epoch 2 for everyone, bob included.
+        """
+        self.mesh_with("alice", "bob")
+        self.ok("owner", "ban", "bob")
+        code, out, err = self.cm("owner", "unban", "bob")
+        self.assertEqual((code, out), (0, "Unbanned bob.\nRotated the mesh key to epoch 2,"
+                                          " sealed for 3 members: alice, bob, owner.\n"), err)
+        self.assertNotIn("sealed the mesh key (epoch 1) for bob", err)
+        self.ok("bob", "peers")
+        self.assertEqual(self.keys_of("bob"), [0, 2])
+        bob = self.listen("bob")
+        self.ok("alice", "send", "*", "welcome back")
+        self.assertIsNone(self.received(bob, "welcome back")["error"])
+
+    def test_unbanned_member_never_gets_the_epoch_of_the_ban(self):
+        """
+        ban, unban --no-rotate, rotate-key (review 2, N3): epoch 1 is not
+        sealed for bob (the broker refuses it too); the notice says why and
+        the rotation makes epoch 2, which bob gets.
+        """
+        self.mesh_with("alice", "bob")
+        self.ok("owner", "ban", "bob")
+        code, out, err = self.cm("owner", "unban", "bob", "--no-rotate")
+        self.assertEqual((code, out), (0, "Unbanned bob.\n"), err)
+        self.assertIn("claudemesh: bob was unbanned after the mesh key (epoch 1) was made"
+                      " without them: that key is never shared with them (it sealed what was"
+                      " broadcast during the ban), so they cannot read broadcasts until the"
+                      " key is rotated. Run 'claudemesh rotate-key'.", err)
+        # bob asks for epoch 1: refused, and no owner's client is asked.
+        code, out, err = self.cm("bob", "send", "*", "hi")
+        self.assertNotEqual(code, 0)
+        self.assertIn("key epoch 1", err)
+        code, out, err = self.cm("owner", "peers")
+        self.assertNotIn("sealed the mesh key", err)
+        self.assertEqual(self.keys_of("bob"), [0])
+        code, out, err = self.cm("owner", "rotate-key")
+        self.assertEqual((code, out), (0, "Rotated the mesh key to epoch 2, sealed for 3"
+                                          " members: alice, bob, owner.\n"), err)
+        self.assertNotIn("epoch 1", err)
+        self.ok("bob", "peers")
+        self.assertEqual(self.keys_of("bob"), [0, 2])
+
     def test_rotate_key_needs_a_moderator(self):
         """A member's rotate-key is forbidden, exit 7."""
         self.mesh_with("alice")

@@ -408,6 +408,33 @@ class StateMachineTests(SynchronousTestCase):
                                                  "_reqId": req_id}).encode())
         self.assertEqual(self.successResultOf(d)["type"], "peers_list")
 
+    def test_request_on_a_closing_connection_waits(self):
+        """
+        A request written while the connection is closing (Autobahn refuses
+        to send, onClose not run yet) fails nothing at once: it is written
+        again once the next connection's hello is acked.
+        """
+        from autobahn.exception import Disconnected
+
+        self.client.start()
+        proto = self.open()
+        self.ack(proto)
+
+        def closing(frame):
+            # What Autobahn's sendMessage raises then.
+            raise Disconnected("Attempt to send on a closed protocol")
+
+        proto.send_frame = closing
+        d = self.client.request({"type": "list_members"})
+        self.client.fire({"type": "set_status", "status": "idle"})
+        self.assertNoResult(d)
+        self.client._closed(proto, False, 1006, None)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        again = self.open()
+        self.ack(again)
+        self.assertEqual([f["type"] for f in again.sent[1:]], ["list_members", "set_status"])
+
     def test_frame_nested_too_deep_is_dropped(self):
         """
         A frame from the broker nested deeper than the JSON parser recurses

@@ -427,7 +427,7 @@ class MembersWithoutCopyTests(MeshKeysTestCase):
         """An owner's hello_ack lists departures since the last rotation and keyless members."""
         ack = self.owner.connect(session_id="o2")
         self.assertEqual(ack["keyStatus"], {"departedSinceRotation": [], "departedTotal": 0,
-                                            "withoutKey": []})
+                                            "withoutKey": [], "unbannedSinceRotation": []})
         self.assertNotIn("keyStatus", self.alice.connect(session_id="a2"))
         self.owner.request({"type": "ban", "target": "bob"})
         self.alice.request({"type": "leave"})
@@ -444,11 +444,46 @@ class MembersWithoutCopyTests(MeshKeysTestCase):
         self.assertEqual((status["departedSinceRotation"], status["withoutKey"]),
                          ([], [{"name": "carol", "memberPubkey": carol.pubkey}]))
 
+    def test_epoch_of_a_ban_not_shared_after_the_unban(self):
+        """
+        bob banned, epoch 1 made without him, bob unbanned (review 2, N3):
+        moderators are told he needs a rotation, not a share; his ask is
+        refused saying why and wakes no moderator; a share for him is
+        refused; the next rotation includes him.
+        """
+        self.owner.request({"type": "ban", "target": "bob"})
+        self.fx.flush()
+        self.fx.clock.advance(1)
+        _, key = self.rotate(members=[self.owner, self.alice])
+        self.fx.clock.advance(1)
+        self.owner.request({"type": "unban", "target": "bob"})
+        self.fx.flush()
+        status = self.owner.connect(session_id="o2")["keyStatus"]
+        self.assertEqual((status["withoutKey"], status["unbannedSinceRotation"]),
+                         ([], [{"name": "bob", "memberPubkey": self.bob.pubkey}]))
+        self.bob.connect(session_id="b2")
+        refusal = self.assertRefused(self.fetch(self.bob, 1), "no_sealed_key", epoch=1,
+                                     currentEpoch=1)
+        self.assertIn("key epoch 1 was made while this member was banned", refusal.message)
+        self.assertEqual(self.owner.connection.events("mesh_key_wanted"), [])
+        refusal = self.assertRefused(self.owner.request(
+            {"type": "share_mesh_key", "epoch": 1,
+             "sealedKeys": self.sealed(self.owner, key, 1, [self.bob])}),
+            "sealed_keys_mismatch", shutOut=[self.bob.pubkey])
+        self.assertEqual(refusal.message, "key epoch 1 was made while bob was banned: it is"
+                                          " not shared with them; rotate the key instead")
+        self.assertRefused(self.fetch(self.bob, 1), "no_sealed_key")
+        _, fresh = self.rotate(epoch=2)
+        self.assertEqual(self.fetch(self.bob, 2), fresh)
+        status = self.owner.request({"type": "mesh_key_status"})["keyStatus"]
+        self.assertEqual(status["unbannedSinceRotation"], [])
+
     def test_key_status_asked_again(self):
         """mesh_key_status says what hello_ack does, now: departures for moderators only."""
         self.assertEqual(self.owner.request({"type": "mesh_key_status"}), {
             "type": "mesh_key_status_result", "keyEpoch": 0, "keyStatus": {
-                "departedSinceRotation": [], "departedTotal": 0, "withoutKey": []}})
+                "departedSinceRotation": [], "departedTotal": 0, "withoutKey": [],
+                "unbannedSinceRotation": []}})
         self.owner.request({"type": "ban", "target": "bob"})
         self.fx.flush()
         status = self.owner.request({"type": "mesh_key_status"})["keyStatus"]

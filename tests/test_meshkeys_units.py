@@ -333,3 +333,22 @@ class EpochKeysTests(unittest.TestCase):
                                " it. Run 'claudemesh rotate-key'.")
         self.keys.rotated = 1
         self.assertEqual(self.keys.notices(), [])
+
+    def test_unbanned_member_notice(self):
+        """Members banned when the current key was made and unbanned since: rotate, not share."""
+        self.client.hello_ack = {"role": "owner"}
+        bob = {"name": "bob", "memberPubkey": "b" * 64}
+        self.keys.ring.put(1, crypto.new_mesh_key())
+        self.keys.hello({"keyEpoch": 1, "role": "owner", "keyStatus": {
+            "withoutKey": [], "unbannedSinceRotation": [bob, {"name": "x", "memberPubkey": 1}]}})
+        self.assertEqual(self.keys.unbanned(), [bob])
+        line = ("bob was unbanned after the mesh key (epoch 1) was made without them: that key"
+                " is never shared with them (it sealed what was broadcast during the ban), so"
+                " they cannot read broadcasts until the key is rotated. Run 'claudemesh"
+                " rotate-key'.")
+        self.assertEqual(self.keys.notices(), [line])
+        self.assertEqual(self.keys.describe(), "key epoch 1 (held); " + line)
+        # Nothing was shared with bob.
+        self.assertEqual([f["type"] for f, _ in self.client.requests], [])
+        self.keys.rotated = 2
+        self.assertEqual(self.keys.notices(), [])

@@ -55,10 +55,10 @@ class MeshKeyStoreTestsMixin:
 
         return (yield self.store.run_interaction("dump", dump_txn, write=False))
 
-    def rotation(self, epoch=1, members=None, by=None):
+    def rotation(self, epoch=1, members=None, by=None, at=NOW):
         members = [self.owner, self.alice, self.bob] if members is None else members
         by = by or self.owner
-        return KeyRotation(self.mesh.id, epoch, by.id, by.pubkey, "manual", NOW,
+        return KeyRotation(self.mesh.id, epoch, by.id, by.pubkey, "manual", at,
                            tuple(sorted((m.id, "sealed-%s-%d" % (m.id, epoch))
                                         for m in members)))
 
@@ -238,21 +238,55 @@ class MeshKeyStoreTestsMixin:
         self.assertEqual([(d.event_type, d.name, d.pubkey) for d in report.departures],
                          [("member_banned", "alice", self.alice.pubkey)])
         self.assertEqual((report.epoch, report.without_copy), (0, ()))
-        yield self.store.rotate_mesh_key(self.rotation(members=[self.owner, self.bob]),
-                                         [self.rotated()])
+        yield self.store.rotate_mesh_key(
+            self.rotation(members=[self.owner, self.bob], at=NOW + 1), [self.rotated()])
         report = yield self.store.mesh_key_report(self.mesh.id, 20)
         self.assertEqual((report.epoch, report.departures), (1, ()))
         yield self.store.remove_member(self.bob.id, [AuditEvent(
             self.mesh.id, "member_left", self.bob.id, {"pubkey": self.bob.pubkey,
                                                       "name": "bob"}, NOW + 9)])
-        carol = yield self.addMember(self.mesh, display_name="carol")
+        carol = yield self.addMember(self.mesh, display_name="carol", joined_at=NOW + 10)
+        dave = yield self.addMember(self.mesh, display_name="dave", joined_at=NOW + 11)
         yield self.store.unban_member(self.alice.id)
         report = yield self.store.mesh_key_report(self.mesh.id, 20)
         self.assertEqual([(d.event_type, d.name, d.at) for d in report.departures],
                          [("member_left", "bob", NOW + 9)])
-        self.assertEqual([m.id for m in report.without_copy], [self.alice.id, carol.id])
+        # alice was banned when epoch 1 was made: not one to share it with.
+        self.assertEqual([m.id for m in report.without_copy], [carol.id, dave.id])
+        self.assertEqual([m.id for m in report.shut_out], [self.alice.id])
         report = yield self.store.mesh_key_report(self.mesh.id, 1)
         self.assertEqual(len(report.without_copy), 1)
+
+    @defer.inlineCallbacks
+    def test_epoch_of_a_ban_never_shared_after_the_unban(self):
+        """
+        A member banned when an epoch was made and unbanned since is refused
+        a shared copy of it (with anyone else in the same share: nothing
+        stored); the next rotation includes it (review 2, N3).
+        """
+        yield self.store.ban_member(self.bob.id, NOW)
+        yield self.store.rotate_mesh_key(
+            self.rotation(members=[self.owner, self.alice], at=NOW + 1), [self.rotated()])
+        yield self.store.unban_member(self.bob.id)
+        carol = yield self.addMember(self.mesh, display_name="carol", joined_at=NOW + 2)
+        self.assertEqual((yield self.store.key_epoch_made_at(self.mesh.id, 1)), NOW + 1)
+        self.assertIsNone((yield self.store.key_epoch_made_at(self.mesh.id, 0)))
+        before = yield self.dump()
+        for copies in (((self.bob.id, "b"),), ((carol.id, "c"), (self.bob.id, "b"))):
+            outcome = yield self.store.share_mesh_key(self.mesh.id, 1, copies, "k", NOW + 3)
+            self.assertEqual((outcome.stored, outcome.shut_out, outcome.current_epoch),
+                             (False, (self.bob.id,), 1))
+        self.assertEqual((yield self.dump()), before)
+        self.assertIsNone((yield self.store.get_mesh_key_copy(self.mesh.id, 1, self.bob.id)))
+        outcome = yield self.store.share_mesh_key(self.mesh.id, 1, ((carol.id, "c"),), "k",
+                                                  NOW + 3)
+        self.assertEqual((outcome.stored, outcome.shared), (True, 1))
+        everyone = [self.owner, self.alice, self.bob, carol]
+        outcome = yield self.store.rotate_mesh_key(
+            self.rotation(epoch=2, members=everyone, at=NOW + 4), [self.rotated(2)])
+        self.assertTrue(outcome.stored)
+        report = yield self.store.mesh_key_report(self.mesh.id, 20)
+        self.assertEqual((report.epoch, report.without_copy, report.shut_out), (2, (), ()))
 
     # -- messages carry their epoch ---------------------------------------------------
 

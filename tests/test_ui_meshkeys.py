@@ -135,6 +135,30 @@ class UIRotationTests(UITestCase):
         self.assertEqual(self.json(response), {"banned": "bob", "rotateError": {
             "error": "store_unavailable", "message": "the store is unavailable"}})
 
+    def test_unban_after_a_rotating_ban_rotates(self):
+        """
+        An unban from the page rotates when the broker says the current key
+        was made while the member was banned; otherwise, or with rotate:
+        false, it only unbans and the page says what to do.
+        """
+        bob = {"name": "bob", "memberPubkey": self.bob.pubkey}
+        self.client.replies.update({"unban": {"unbanned": "bob"}, "mesh_key_status": {
+            "keyEpoch": 0, "keyStatus": {"unbannedSinceRotation": [bob]}}})
+        document = self.json(self.post("/api/moderate", {"action": "unban", "target": "bob"}))
+        self.assertEqual(document, {"unbanned": "bob",
+                                    "rotated": {"epoch": 1, "members": ["bob", "owner"]}})
+        self.assertEqual(self.frames("rotate_mesh_key")[0]["reason"], "unban of bob")
+        self.assertIsNone(self.view.presence()["meshKey"]["notice"])
+        document = self.json(self.post("/api/moderate", {"action": "unban", "target": "bob",
+                                                         "rotate": False}))
+        self.assertEqual(document, {"unbanned": "bob"})
+        self.assertIn("bob was unbanned after the mesh key (epoch 1) was made without them",
+                      self.view.presence()["meshKey"]["notice"])
+        self.client.replies["mesh_key_status"] = {"keyEpoch": 1, "keyStatus": {}}
+        document = self.json(self.post("/api/moderate", {"action": "unban", "target": "bob"}))
+        self.assertEqual(document, {"unbanned": "bob"})
+        self.assertEqual(len(self.frames("rotate_mesh_key")), 1)
+
     def test_rotate_key_action(self):
         """POST /api/rotate-key rotates with the reason given; a member's is refused 409."""
         document = self.json(self.post("/api/rotate-key", {"reason": "routine"}))
@@ -260,7 +284,8 @@ class UIAgainstBrokerTests(unittest.TestCase):
         """After a ban without rotation the page's notice names it; rotate-key clears it."""
         view = yield self.watcher()
         self.assertEqual(view.presence()["meshKey"], {
-            "epoch": 0, "held": True, "departedSinceRotation": [], "notice": None})
+            "epoch": 0, "held": True, "departedSinceRotation": [],
+            "unbannedSinceRotation": [], "notice": None})
         reply = yield view.moderate("ban", "bob", rotate=False)
         self.assertEqual(reply, {"banned": "bob"})
         yield wait_until(lambda: view.presence()["meshKey"]["notice"])
@@ -271,6 +296,10 @@ class UIAgainstBrokerTests(unittest.TestCase):
         yield wait_until(lambda: view.presence()["meshKey"]["notice"] is None)
         yield wait_until(lambda: view.presence()["meshKey"]["epoch"] == 1)
         self.assertTrue(view.presence()["meshKey"]["held"])
+        # Epoch 1 was made while bob was banned: his unban makes epoch 2.
+        reply = yield view.moderate("unban", "bob")
+        self.assertEqual(reply["rotated"]["epoch"], 2)
+        self.assertIn("bob", reply["rotated"]["members"])
 
     @defer.inlineCallbacks
     def test_page_opens_pushes_by_epoch(self):

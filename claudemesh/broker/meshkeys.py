@@ -145,6 +145,10 @@ class MeshKeys:
             "departedTotal": len(departed),
             "withoutKey": [{"name": m.display_name, "memberPubkey": m.pubkey}
                            for m in report.without_copy],
+            # Banned when the current key was made, unbanned since: only a
+            # rotation gives them a key (decision 87).
+            "unbannedSinceRotation": [{"name": m.display_name, "memberPubkey": m.pubkey}
+                                      for m in report.shut_out],
         }}
 
     @defer.inlineCallbacks
@@ -332,6 +336,13 @@ class MeshKeys:
             self._now())
         if not outcome.stored:
             self._epochs[mesh.id] = outcome.current_epoch
+            if outcome.shut_out:
+                shut_out = [mesh.members[m] for m in outcome.shut_out if m in mesh.members]
+                raise Refusal("sealed_keys_mismatch", "key epoch %d was made while %s %s"
+                              " banned: it is not shared with them; rotate the key instead"
+                              % (frame.epoch, ", ".join(m.display_name for m in shut_out[:5]),
+                                 "was" if len(shut_out) == 1 else "were"),
+                              shutOut=[m.pubkey for m in shut_out][:REPORT_LIMIT])
             if outcome.unexpected:
                 raise Refusal("sealed_keys_mismatch", "some copies are for keys that are not"
                               " members of this mesh any more",
@@ -357,6 +368,15 @@ class MeshKeys:
         copy = yield self._store.get_mesh_key_copy(mesh.id, frame.epoch, member.id)
         if copy is None:
             current = yield self.epoch_of(mesh)
+            made_at = None
+            if frame.epoch == current:
+                made_at = yield self._store.key_epoch_made_at(mesh.id, current)
+            if made_at is not None and member.joined_at < made_at:
+                # Banned when it was made: never shared (decision 87).
+                raise Refusal("no_sealed_key", "key epoch %d was made while this member was"
+                              " banned, so it is not shared with it; the next rotation by an"
+                              " owner or admin seals a key for it" % (current,),
+                              epoch=frame.epoch, currentEpoch=current)
             if frame.epoch == current:
                 self._want(mesh, member, current)
             raise Refusal("no_sealed_key", "no copy of key epoch %d is sealed for this member"

@@ -209,6 +209,9 @@ def make_parser():
     parsers["ban"].add_argument("--no-rotate", action="store_true",
                                 help="keep the mesh key (the banned member can still read "
                                      "broadcasts sealed with it)")
+    parsers["unban"].add_argument("--no-rotate", action="store_true",
+                                  help="keep the mesh key made during the ban (the unbanned "
+                                       "member cannot read broadcasts until a rotation)")
     parsers["rotate-key"].add_argument("--reason", metavar="TEXT",
                                        help="recorded in the audit log (default: manual)")
     p = parsers["launch"]

@@ -160,10 +160,16 @@ def cmd_unban(reactor, arguments, environ):
         # The notice after this command must not tell to rotate because of
         # the ban just undone (the hello_ack read before it still had it).
         yield client.mesh_keys.refresh_status()
-        if arguments.json:
-            out_json({"unbanned": reply["unbanned"]})
-        else:
+        document = {"unbanned": reply["unbanned"]}
+        if not arguments.json:
             out("Unbanned %s." % (reply["unbanned"],))
+        if client.mesh_keys.unbanned() and not arguments.no_rotate:
+            # The current key was made while they were banned and is never
+            # theirs (decision 87): a fresh epoch includes them.
+            document["rotated"] = yield _rotate(client, arguments,
+                                                "unban of %s" % (reply["unbanned"],))
+        if arguments.json:
+            out_json(document)
 
     return with_mesh(reactor, arguments, environ, action)
 

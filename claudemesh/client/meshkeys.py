@@ -498,7 +498,22 @@ class EpochKeys:
         departed = status.get("departedSinceRotation")
         if self._moderator() and isinstance(departed, list) and departed:
             line += "; " + departure_notice(departed, status.get("departedTotal"))
+        unbanned = self.unbanned()
+        if self._moderator() and unbanned:
+            line += "; " + unbanned_notice(unbanned, epoch)
         return line
+
+    def unbanned(self):
+        """
+        The members (C{{name, memberPubkey}}) the broker says were banned
+        when the current key was made and are unbanned since: only a
+        rotation gives them a key (the broker never lets this epoch's be
+        shared with them).
+        """
+        rows = (self.status or {}).get("unbannedSinceRotation")
+        if not isinstance(rows, list):
+            return []
+        return [r for r in rows if isinstance(r, dict) and crypto.is_pubkey(r.get("memberPubkey"))]
 
     def notices(self):
         """
@@ -514,7 +529,22 @@ class EpochKeys:
         departed = status.get("departedSinceRotation")
         if self.rotated is None and isinstance(departed, list) and departed:
             lines.append(departure_notice(departed, status.get("departedTotal")))
+        if self.rotated is None and self.unbanned():
+            lines.append(unbanned_notice(self.unbanned(), self.current or 0))
         return lines
+
+
+def unbanned_notice(rows, epoch):
+    """
+    One sentence for members who were banned when key epoch C{epoch} was
+    made and are unbanned since (C{keyStatus.unbannedSinceRotation} rows).
+    """
+    names = [row.get("name") or row["memberPubkey"][:8] for row in rows[:5]]
+    more = " (and %d more)" % (len(rows) - len(names),) if len(rows) > len(names) else ""
+    return ("%s%s %s unbanned after the mesh key (epoch %d) was made without them: that key"
+            " is never shared with them (it sealed what was broadcast during the ban), so they"
+            " cannot read broadcasts until the key is rotated. Run 'claudemesh rotate-key'."
+            % (", ".join(names), more, "was" if len(rows) == 1 else "were", epoch))
 
 
 def departure_notice(departed, total=None):

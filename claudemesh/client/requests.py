@@ -8,6 +8,7 @@ timed out, and held to the largest frame the broker takes.
 import json
 import uuid
 
+from autobahn.exception import Disconnected
 from twisted.internet import defer
 
 from claudemesh import crypto
@@ -108,8 +109,7 @@ class Requests:
         """
         if self._finished:
             raise Stopped("the client is stopped")
-        if self.connected:
-            self._proto.send_frame(frame)
+        if self.connected and self._send_frame(frame):
             return
         if len(self._queue) + len(self._pending) >= self.max_queue:
             raise QueueFull("too many frames wait for the broker")
@@ -171,7 +171,22 @@ class Requests:
             self._resolve(key, failure=too_large(entry[0], len(payload), limit))
             return
         entry[3] = len(payload)
-        self._proto.send_frame(entry[0])
+        if not self._send_frame(entry[0]):
+            # Closing: written again after the reconnect, as a request made
+            # while not connected is.
+            entry[3] = False
+
+    def _send_frame(self, frame):
+        """
+        Write C{frame} on the connection. C{False} when nothing was written:
+        it is already closing and its C{onClose} has not run yet, so the
+        client still takes it for open.
+        """
+        try:
+            self._proto.send_frame(frame)
+        except Disconnected:
+            return False
+        return True
 
     def _timed_out(self, key):
         entry = self._pending.pop(key, None)

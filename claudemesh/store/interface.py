@@ -401,8 +401,16 @@ class IStore(Interface):
         Store sealed copies (C{((member_id, sealed_key), ...)}) of the
         current epoch's key for members in good standing; a member that has
         one keeps it. Fires with a L{KeyUpload}: nothing stored when C{epoch}
-        is not current (or is 0) or some id is not such a member
-        (C{unexpected}); else C{shared} counts the copies stored.
+        is not current (or is 0), some id is not such a member
+        (C{unexpected}), or some member without a copy joined before the
+        epoch was made, so was banned then (C{shut_out}); else C{shared}
+        counts the copies stored.
+        """
+
+    def key_epoch_made_at(mesh_id, epoch):
+        """
+        When C{epoch} was committed (milliseconds), or C{None} (epoch 0 or
+        none).
         """
 
     def get_mesh_key_copy(mesh_id, epoch, member_id):
@@ -415,7 +423,8 @@ class IStore(Interface):
         A L{MeshKeyReport}: the current epoch; the members who left or were
         banned since it began (by the audit log) and are not members in good
         standing again; and up to C{limit} members in good standing with no
-        sealed copy of its key (none for epoch 0).
+        sealed copy of its key (none for epoch 0), who joined after it was
+        made (C{without_copy}) or before it, banned then (C{shut_out}).
         """
 
     # -- audit --------------------------------------------------------------

@@ -404,6 +404,8 @@ class KeyUpload:
     @ivar unexpected: member ids named that are not current members.
     @ivar shared: how many copies a share stored (members who had one
         already are skipped).
+    @ivar shut_out: member ids a share named that were members, banned,
+        when the epoch was made: its key is not theirs to have.
     """
 
     stored: bool
@@ -411,6 +413,7 @@ class KeyUpload:
     missing: tuple = ()
     unexpected: tuple = ()
     shared: int = 0
+    shut_out: tuple = ()
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -444,9 +447,13 @@ class MeshKeyReport:
     """
     What an owner or admin is told at hello: the current epoch, who left
     since it began (C{departures}, oldest first), and the current members
-    without a sealed copy of its key (C{without_copy}: L{MemberRecord}s).
+    without a sealed copy of its key (L{MemberRecord}s): C{without_copy},
+    who joined after it was made, and C{shut_out}, who were members but
+    banned when it was made (unbanned since) — their key must be a new
+    epoch's, never this one's.
     """
 
     epoch: int
     departures: tuple = ()
     without_copy: tuple = ()
+    shut_out: tuple = ()

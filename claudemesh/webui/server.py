@@ -421,7 +421,8 @@ class UIServer:
             role = None
             if action == "set_role":
                 role = _choice(arguments, "role", ("member", "admin", "owner"))
-            # A ban rotates the mesh key unless told not to (issue 17).
+            # A ban (and an unban after a rotating ban) rotates the mesh
+            # key unless told not to (issue 17, decision 87).
             rotate = arguments.get("rotate", True)
             if not isinstance(rotate, bool):
                 raise BadRequest("'rotate' must be true or false")

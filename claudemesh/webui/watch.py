@@ -102,6 +102,8 @@ class MeshWatch:
         # Issue 17: who left or was banned since the mesh key last changed
         # (keyStatus rows), as far as this owner's or admin's page knows.
         self.departed = []
+        # …and who was banned when it was made and is unbanned since.
+        self.unbanned = []
         self._session_owner = {}
         self._tail = history_reader.tail(entry.meshId) if history_reader is not None else None
         self._refresh_pending = None
@@ -189,11 +191,15 @@ class MeshWatch:
         """
         keys = self.client.mesh_keys
         epoch = keys.current
-        notice = None
+        sentences = []
         if self._moderator() and self.departed:
-            notice = meshkeys.departure_notice(self.departed)
+            sentences.append(meshkeys.departure_notice(self.departed))
+        if self._moderator() and self.unbanned:
+            sentences.append(meshkeys.unbanned_notice(self.unbanned, epoch or 0))
         return {"epoch": epoch, "held": None if epoch is None else keys.key_of(epoch) is not None,
-                "departedSinceRotation": list(self.departed), "notice": notice}
+                "departedSinceRotation": list(self.departed),
+                "unbannedSinceRotation": list(self.unbanned),
+                "notice": " ".join(sentences) or None}
 
     def _moderator(self):
         return (self.client.hello_ack or {}).get("role", self.role) in meshkeys.MODERATORS
@@ -318,6 +324,9 @@ class MeshWatch:
     def _keep_status(self, status):
         departed = status.get("departedSinceRotation") if isinstance(status, dict) else None
         self.departed = [d for d in departed or () if isinstance(d, dict)]
+        unbanned = status.get("unbannedSinceRotation") if isinstance(status, dict) else None
+        self.unbanned = [u for u in unbanned or () if isinstance(u, dict)
+                         and crypto.is_pubkey(u.get("memberPubkey"))]
 
     @defer.inlineCallbacks
     def rotate_key(self, reason="manual"):
@@ -326,7 +335,7 @@ class MeshWatch:
         sealed for every current member, committed as the next epoch.
         """
         epoch, names = yield self.client.mesh_keys.rotate(reason)
-        self.departed = []
+        self.departed, self.unbanned = [], []
         self._publish_presence()
         return {"epoch": epoch, "members": sorted(names)}
 
@@ -460,20 +469,28 @@ class MeshWatch:
         """
         C{disconnect}, C{kick}, C{ban}, C{unban} or C{set_role} on
         C{target}; the broker decides who may. A ban rotates the mesh key
-        after it, as C{claudemesh ban} does, unless C{rotate} is false; a
-        rotation that fails after the ban is reported beside it.
+        after it, as C{claudemesh ban} does, and so does an unban when the
+        current key was made during the ban (decision 87), unless C{rotate}
+        is false; a rotation that fails after them is reported beside it.
         """
         frame = {"type": action, "target": target}
         if action == "set_role":
             frame["role"] = role
         reply = yield self._request(frame)
         self._refresh_soon()
-        if action != "ban":
+        if action == "ban":
+            reply = {"banned": reply.get("banned")}
+            reason = "ban of %s" % (reply["banned"],)
+        elif action == "unban":
+            reply = {"unbanned": reply.get("unbanned")}
+            reason = "unban of %s" % (reply["unbanned"],)
+            yield self._key_status()
+            rotate = rotate and bool(self.unbanned)
+        else:
             return reply
-        reply = {"banned": reply.get("banned")}
         if rotate:
             try:
-                reply["rotated"] = yield self.rotate_key("ban of %s" % (reply["banned"],))
+                reply["rotated"] = yield self.rotate_key(reason)
             except connection.ClientError as e:
                 # The ban stands; the page shows why the key did not change.
                 reply["rotateError"] = {"error": e.code, "message": e.message}

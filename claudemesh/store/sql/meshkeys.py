@@ -54,6 +54,16 @@ def current_member_ids_txn(dialect, mesh_id):
     return {row[0] for row in rows}
 
 
+def epoch_made_at_txn(mesh_id, epoch):
+    """
+    When C{epoch} was committed (milliseconds), or C{None} (epoch 0 or none).
+    """
+    rows = yield Query(
+        "SELECT created_at FROM mesh_key_epochs WHERE mesh_id = %s AND epoch = %s",
+        (mesh_id, epoch))
+    return int(rows[0][0]) if rows else None
+
+
 def insert_copies_txn(mesh_id, epoch, copies, sealed_by, created_at, conflict=""):
     yield InsertRows(
         "mesh_key_copies", COPY_COLUMNS,
@@ -114,12 +124,33 @@ class MeshKeyStore:
             "SELECT member_id FROM mesh_key_copies WHERE mesh_id = %s AND epoch = %s",
             (mesh_id, epoch))
         have = {row[0] for row in rows}
+        shut_out = yield from self._shut_out_txn(
+            mesh_id, epoch, {m for m, _ in copies} - have)
+        if shut_out:
+            return KeyUpload(False, current, shut_out=shut_out)
         fresh = [(m, sealed) for m, sealed in copies if m not in have]
         # A copy, once stored, is never replaced: the first sharer wins, also
         # against a concurrent one.
         yield from insert_copies_txn(mesh_id, epoch, fresh, sealed_by, created_at,
                                      "ON CONFLICT (mesh_id, epoch, member_id) DO NOTHING")
         return KeyUpload(True, current, shared=len(fresh))
+
+    def _shut_out_txn(self, mesh_id, epoch, member_ids):
+        """
+        Those of C{member_ids} (without a copy of C{epoch}) that joined
+        before the epoch was made: a rotation seals for every member in good
+        standing, so they were banned then (decision 87).
+        """
+        if not member_ids:
+            return ()
+        made_at = yield from epoch_made_at_txn(mesh_id, epoch)
+        members = yield from select_members_txn("mesh_id = %s", (mesh_id,))
+        return tuple(sorted(m.id for m in members
+                            if m.id in member_ids and m.joined_at < made_at))
+
+    def key_epoch_made_at(self, mesh_id, epoch):
+        return self.run_interaction(
+            "key_epoch_made_at", epoch_made_at_txn, mesh_id, epoch, write=False)
 
     def get_mesh_key_copy(self, mesh_id, epoch, member_id):
         return self.run_interaction(
@@ -153,20 +184,26 @@ class MeshKeyStore:
             payload = json.loads(payload)
             pubkey = payload.get("targetPubkey") or payload.get("pubkey")
             if not isinstance(pubkey, str) or pubkey in standing:
-                # Unbanned, or joined again: it holds the current key anyway.
+                # Unbanned (then in shut_out, when the key was made while
+                # it was banned) or joined again: not a departure any more.
                 continue
             name = payload.get("target") or payload.get("name")
             departures.pop(pubkey, None)
             departures[pubkey] = Departure(event_type, pubkey,
                                            name if isinstance(name, str) else None,
                                            int(created_at))
-        without = ()
+        without, shut_out = (), ()
         if epoch:
-            rows = yield Query(
+            made_at = yield from epoch_made_at_txn(mesh_id, epoch)
+            query = (
                 "SELECT %s FROM members m WHERE m.mesh_id = %%s AND m.revoked_at IS NULL"
+                " AND m.joined_at %s %%s"
                 " AND NOT EXISTS (SELECT 1 FROM mesh_key_copies c WHERE c.mesh_id = m.mesh_id"
                 " AND c.epoch = %%s AND c.member_id = m.id)"
-                " ORDER BY m.joined_at, m.id LIMIT %%s"
-                % (", ".join("m." + c for c in MEMBER_COLUMNS),), (mesh_id, epoch, limit))
+                " ORDER BY m.joined_at, m.id LIMIT %%s")
+            columns = ", ".join("m." + c for c in MEMBER_COLUMNS)
+            rows = yield Query(query % (columns, ">="), (mesh_id, made_at, epoch, limit))
             without = tuple(MemberRecord(*row) for row in rows)
-        return MeshKeyReport(epoch, tuple(departures.values()), without)
+            rows = yield Query(query % (columns, "<"), (mesh_id, made_at, epoch, limit))
+            shut_out = tuple(MemberRecord(*row) for row in rows)
+        return MeshKeyReport(epoch, tuple(departures.values()), without, shut_out)
