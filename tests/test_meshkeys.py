@@ -463,7 +463,7 @@ class MembersWithoutCopyTests(MeshKeysTestCase):
                          ([], [{"name": "bob", "memberPubkey": self.bob.pubkey}]))
         self.bob.connect(session_id="b2")
         refusal = self.assertRefused(self.fetch(self.bob, 1), "no_sealed_key", epoch=1,
-                                     currentEpoch=1)
+                                     currentEpoch=1, bannedWhenMade=True)
         self.assertIn("key epoch 1 was made while this member was banned", refusal.message)
         self.assertEqual(self.owner.connection.events("mesh_key_wanted"), [])
         refusal = self.assertRefused(self.owner.request(

@@ -298,6 +298,17 @@ class EpochKeysTests(unittest.TestCase):
         self.assertIn("current key epoch 4", str(failure.value))
         self.assertRaises(meshkeys.NoKey, self.keys.invite_key)
 
+    def test_banned_when_made_says_so(self):
+        """No copy because this member was banned when the epoch was made: NoKey says that."""
+        self.keys.hello({"keyEpoch": 1})
+        self.client.requests[0][1].errback(RequestError(
+            "no_sealed_key", "key epoch 1 was made while this member was banned",
+            {"bannedWhenMade": True}))
+        failure = self.failureResultOf(self.keys.sealing_key(), meshkeys.NoKey)
+        self.assertEqual(str(failure.value), "this member was banned when the mesh key of"
+                         " epoch 1 was made, so that key is never shared with it: the next"
+                         " rotation by an owner or admin seals a fresh key for it")
+
     def test_old_broker(self):
         """A hello_ack without keyEpoch (an older broker) means epoch 0 and no request."""
         self.keys.hello({})

@@ -376,7 +376,7 @@ class MeshKeys:
                 raise Refusal("no_sealed_key", "key epoch %d was made while this member was"
                               " banned, so it is not shared with it; the next rotation by an"
                               " owner or admin seals a key for it" % (current,),
-                              epoch=frame.epoch, currentEpoch=current)
+                              epoch=frame.epoch, currentEpoch=current, bannedWhenMade=True)
             if frame.epoch == current:
                 self._want(mesh, member, current)
             raise Refusal("no_sealed_key", "no copy of key epoch %d is sealed for this member"

@@ -108,8 +108,9 @@ class EpochKeys:
     @ivar shared: C{(name, epoch)} of the copies this client sealed for
         members who had none.
     @ivar rotated: the epoch this client rotated to, if it did.
-    @ivar refused: epoch → why its sealed copy was refused
-        (L{open_sealed_copy}).
+    @ivar refused: epoch → why this member has no key for it: its sealed
+        copy was refused (L{open_sealed_copy}), or the broker says it was
+        banned when the epoch was made (never shared with it).
     """
 
     _log = Logger()
@@ -244,6 +245,11 @@ class EpochKeys:
         except RequestError as e:
             if e.code in ("no_sealed_key", "unknown_type"):
                 self._asked.add(epoch)
+                if e.frame.get("bannedWhenMade") is True:
+                    self.refused[epoch] = (
+                        "this member was banned when the mesh key of epoch %d was made, so"
+                        " that key is never shared with it: the next rotation by an owner or"
+                        " admin seals a fresh key for it" % (epoch,))
             else:
                 self._log.warn("could not fetch the mesh key of epoch {epoch}: {code}",
                                epoch=epoch, code=e.code)
