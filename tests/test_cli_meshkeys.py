@@ -151,6 +151,14 @@ class KeyRotationCLITests(SynchronousTestCase):
         code, out, err = self.cm("owner", "peers")
         self.assertNotIn("sealed the mesh key", err)
         self.assertEqual(self.keys_of("bob"), [0])
+        # doctor says the same, for bob and for the owner.
+        for who, words in (("bob", "missing (broadcasts unreadable); this member was banned"
+                                   " when the mesh key of epoch 1 was made"),
+                           ("owner", "bob was unbanned after the mesh key (epoch 1) was made")):
+            code, out, err = self.cm(who, "doctor", "--json")
+            self.assertNotEqual(code, 0)
+            self.assertTrue(any(not c["ok"] and words in c["check"]
+                                for c in json.loads(out)["checks"]), out)
         code, out, err = self.cm("owner", "rotate-key")
         self.assertEqual((code, out), (0, "Rotated the mesh key to epoch 2, sealed for 3"
                                           " members: alice, bob, owner.\n"), err)

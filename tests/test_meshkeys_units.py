@@ -223,6 +223,10 @@ class EpochKeysTests(unittest.TestCase):
         self.answer_copy(0, 2, crypto.new_mesh_key(), sealer=broker)
         self.assertRefused(2, sealing, "sealed by the key %s…, which is not an owner or"
                                        " admin of this mesh" % (broker.pubkey[:16],))
+        # What the MCP server's mesh_info shows.
+        self.assertTrue(self.keys.describe().startswith(
+            "key epoch 2 (not held: broadcasts unreadable; refused the mesh key of epoch 2:"),
+            self.keys.describe())
         # Not asked again on this connection, and pushes of that epoch say so.
         self.keys.admit(push(2, crypto.new_mesh_key(), "x", "m1"), self.hand)
         self.assertEqual(len(self.client.requests), 1)

@@ -252,8 +252,13 @@ def key_checks(report, entry, client):
     yield keys.settled()
     epoch = keys.current or 0
     held = keys.key_of(epoch) is not None
+    # A refused copy, or an epoch made while this member was banned: only
+    # a rotation helps, and the sentence says why (decisions 86, 87).
+    refused = keys.refused.get(epoch)
     report.add(held, "%s: mesh key of the current epoch %d %s" % (
-        entry.slug, epoch, "held" if held else "missing (broadcasts unreadable)"),
+        entry.slug, epoch, "held" if held else "missing (broadcasts unreadable)"
+        + ("; " + refused if refused else "")),
+        "ask an owner or admin to run claudemesh rotate-key" if refused else
         "an owner's or admin's claudemesh seals one for you when it next connects; "
         "then run claudemesh doctor again")
     departed = (keys.status or {}).get("departedSinceRotation")
@@ -262,6 +267,10 @@ def key_checks(report, entry, client):
             entry.slug, meshkeys.departure_notice(departed, keys.status.get("departedTotal"))
             if departed else "no member left or was banned since the mesh key was last "
             "rotated"), "claudemesh rotate-key --mesh %s" % (entry.slug,))
+        unbanned = keys.unbanned()
+        if unbanned:
+            report.add(False, "%s: %s" % (entry.slug, meshkeys.unbanned_notice(unbanned, epoch)),
+                       "claudemesh rotate-key --mesh %s" % (entry.slug,))
 
 
 @defer.inlineCallbacks
