@@ -343,13 +343,22 @@ class Presence:
         if session.connection is None:
             self._end_session(session)
 
-    def _end_session(self, session):
-        mesh = session.mesh
-        if not mesh.remove_session(session):
-            return
+    def _remove(self, session):
+        """
+        Take C{session} out of its mesh and stop its grace timer; C{False}
+        when it had already left (ended twice, or replaced meanwhile).
+        """
+        if not session.mesh.remove_session(session):
+            return False
         if session.grace_call is not None and session.grace_call.active():
             session.grace_call.cancel()
         session.grace_call = None
+        return True
+
+    def _end_session(self, session):
+        mesh = session.mesh
+        if not self._remove(session):
+            return
         now = self._now()
         self._writes.close_session(session.presence_id, now)
         self._notify("sess", mesh.id, p=session.presence_id, c=True,
@@ -385,12 +394,8 @@ class Presence:
         connection closes with 1000 C{session_replaced}, and it leaves this
         node without a word (the other node closed its row).
         """
-        mesh = session.mesh
-        if not mesh.remove_session(session):
+        if not self._remove(session):
             return
-        if session.grace_call is not None and session.grace_call.active():
-            session.grace_call.cancel()
-        session.grace_call = None
         connection, session.connection = session.connection, None
         session.ending = "replaced"
         self._delivery.detach(session)
