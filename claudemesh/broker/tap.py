@@ -134,7 +134,10 @@ def _log_startup(config, store_description):
     nvx = bool(getattr(autobahn.websocket, "USES_NVX", False))
     _log.info(
         "claudemesh broker {version} starting: store {store}, listening on {port}, "
-        "autobahn {autobahn_version} (NVX acceleration: {nvx})",
+        # NVX still validates UTF-8; unmasking is claudemesh.broker.framemask's
+        # whatever NVX says (docs/performance.md).
+        "autobahn {autobahn_version} (NVX UTF-8 validation: {nvx}, frames unmasked by "
+        "claudemesh.broker.framemask)",
         version=__version__,
         store_kind="sqlite" if config["database-url"] is None else "postgres",
         store=store_description,
