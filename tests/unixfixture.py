@@ -42,17 +42,23 @@ class UnixSocketServer:
             with conn:
                 conn.settimeout(5)
                 data = b""
+                read = True
                 try:
                     while not (self.answer is not None and data.endswith(b"\n")):
                         chunk = conn.recv(65536)
                         if not chunk:
                             break
                         data += chunk
-                    if self.answer is not None:
-                        conn.sendall(json.dumps(self.answer).encode("utf-8") + b"\n")
                 except OSError:
-                    pass
+                    read = False
+                # Recorded before the reply: the client may act on the reply
+                # (and its test look at what was received) at once.
                 self.received.append(data)
+                if read and self.answer is not None:
+                    try:
+                        conn.sendall(json.dumps(self.answer).encode("utf-8") + b"\n")
+                    except OSError:
+                        pass
 
     def close(self):
         self.running = False
