@@ -53,7 +53,7 @@ NOW = 1_700_000_000_000
 
 class InjectedFailure(Exception):
     """
-    Raised inside a transaction by L{StoreTestsMixin.assertAllOrNothing}.
+    Raised inside a transaction by L{StoreFixture.assertAllOrNothing}.
     """
 
 HOUR = 3600 * 1000
@@ -63,12 +63,11 @@ ALL = ("now", "next", "low")
 PG_DSN, PG_SKIP = pg.postgres_dsn_or_skip_reason()
 
 
-class StoreTestsMixin:
+class StoreFixture:
     """
-    The behaviour every L{IStore} provider shares. A concrete class provides
-    C{makeStore()}, C{reopenStore()} (a store on the same data, not yet
-    open), C{_tamper_audit(mesh_id, seq)}, C{_schema_version()} and
-    C{_set_schema_version(version)}.
+    An open store and the record builders every store suite uses (this one,
+    the mesh key and the nodes halves); a concrete class provides
+    C{makeStore()}.
     """
 
     @defer.inlineCallbacks
@@ -184,6 +183,78 @@ class StoreTestsMixin:
     def joiner(self, mesh, invite, key=None):
         return MemberRecord(self._id("member"), mesh.id, key or self._id("key"), "joiner",
                             invite.role, NOW, invite_id=invite.id)
+
+    # -- all or nothing -------------------------------------------------------
+
+    # The tables whose rows L{dump} compares (a suite of another domain adds
+    # its own).
+    DUMPED_TABLES = ("meshes", "members", "invites", "sessions", "messages", "deliveries",
+                     "send_keys", "audit_log")
+
+    @defer.inlineCallbacks
+    def dump(self):
+        """
+        Every row of every table, for comparing the whole database.
+        """
+
+        def dump_txn():
+            rows = {}
+            for table in self.DUMPED_TABLES:
+                found = yield Query("SELECT * FROM %s" % (table,))
+                rows[table] = sorted(tuple(str(value) for value in row) for row in found)
+            return rows
+
+        return (yield self.store.run_interaction("dump", dump_txn, write=False))
+
+    @defer.inlineCallbacks
+    def assertAllOrNothing(self, action):
+        """
+        Run C{action()} (a store call) with a failure injected after its
+        first, second, … statement until it succeeds, asserting after each
+        failed attempt that the database is exactly as before; then assert
+        that the action changed something.
+        """
+        before = yield self.dump()
+        real = self.store.run_interaction
+        for allowed in range(1, 100):
+
+            def failing(desc, txn_function, *args, write=True, allowed=allowed):
+                def counted(*inner):
+                    steps = txn_function(*inner)
+                    result = None
+                    for _ in range(allowed):
+                        try:
+                            operation = steps.send(result)
+                        except StopIteration as stop:
+                            return stop.value
+                        result = yield operation
+                    raise InjectedFailure("after %d statements of %s" % (allowed, desc))
+
+                return real(desc, counted, *args, write=write)
+
+            self.store.run_interaction = failing
+            try:
+                yield action()
+            except InjectedFailure:
+                failed = True
+            else:
+                failed = False
+            finally:
+                self.store.run_interaction = real
+            if not failed:
+                break
+            self.assertEqual((yield self.dump()), before, "half-done after %d" % (allowed,))
+        self.assertGreater(allowed, 1, "the action ran no statement")
+        self.assertNotEqual((yield self.dump()), before)
+
+
+class StoreTestsMixin(StoreFixture):
+    """
+    The behaviour every L{IStore} provider shares. A concrete class provides
+    C{makeStore()}, C{reopenStore()} (a store on the same data, not yet
+    open), C{_tamper_audit(mesh_id, seq)}, C{_schema_version()} and
+    C{_set_schema_version(version)}.
+    """
 
     # -- the store itself -------------------------------------------------------
 
@@ -439,64 +510,6 @@ class StoreTestsMixin:
         self.assertEqual((yield self.auditTypes(mesh)), [])
 
     # -- one transaction per action -------------------------------------------
-
-    @defer.inlineCallbacks
-    def dump(self):
-        """
-        Every row of every table, for comparing the whole database.
-        """
-        tables = ("meshes", "members", "invites", "sessions", "messages", "deliveries",
-                  "send_keys", "audit_log")
-
-        def dump_txn():
-            rows = {}
-            for table in tables:
-                found = yield Query("SELECT * FROM %s" % (table,))
-                rows[table] = sorted(tuple(str(value) for value in row) for row in found)
-            return rows
-
-        return (yield self.store.run_interaction("dump", dump_txn, write=False))
-
-    @defer.inlineCallbacks
-    def assertAllOrNothing(self, action):
-        """
-        Run C{action()} (a store call) with a failure injected after its
-        first, second, … statement until it succeeds, asserting after each
-        failed attempt that the database is exactly as before; then assert
-        that the action changed something.
-        """
-        before = yield self.dump()
-        real = self.store.run_interaction
-        for allowed in range(1, 100):
-
-            def failing(desc, txn_function, *args, write=True, allowed=allowed):
-                def counted(*inner):
-                    steps = txn_function(*inner)
-                    result = None
-                    for _ in range(allowed):
-                        try:
-                            operation = steps.send(result)
-                        except StopIteration as stop:
-                            return stop.value
-                        result = yield operation
-                    raise InjectedFailure("after %d statements of %s" % (allowed, desc))
-
-                return real(desc, counted, *args, write=write)
-
-            self.store.run_interaction = failing
-            try:
-                yield action()
-            except InjectedFailure:
-                failed = True
-            else:
-                failed = False
-            finally:
-                self.store.run_interaction = real
-            if not failed:
-                break
-            self.assertEqual((yield self.dump()), before, "half-done after %d" % (allowed,))
-        self.assertGreater(allowed, 1, "the action ran no statement")
-        self.assertNotEqual((yield self.dump()), before)
 
     @defer.inlineCallbacks
     def test_membership_actions_all_or_nothing(self):

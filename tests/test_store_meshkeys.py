@@ -4,7 +4,6 @@ their sealed copies, on every store (SQLite in its thread, SQLite inline,
 Postgres), and the schema upgrade from version 3 on SQLite and Postgres.
 """
 
-import itertools
 import os
 import sqlite3
 
@@ -14,46 +13,27 @@ from twisted.trial.unittest import SkipTest, TestCase
 from claudemesh.store import PostgresStore, SQLiteStore
 from claudemesh.store.records import AuditEvent, ClaimRequest, KeyRotation, NewDelivery
 from claudemesh.store.schema import CURRENT_VERSION, full_schema, split_statements
-from claudemesh.store.sql.operations import Query
 from tests import pg
-from tests.test_store import ALL, HOUR, LEASE, NOW, PG_DSN, PG_SKIP, StoreTestsMixin
+from tests.test_store import ALL, HOUR, LEASE, NOW, PG_DSN, PG_SKIP, StoreFixture
 
 TABLES = ("meshes", "members", "invites", "messages", "deliveries", "audit_log",
           "mesh_key_epochs", "mesh_key_copies")
 
 
-class MeshKeyStoreTestsMixin:
+class MeshKeyStoreTestsMixin(StoreFixture):
     """
     The mesh key half of every L{IStore}; a concrete class provides
     C{makeStore()}.
     """
 
-    # The record builders and the all-or-nothing check of the main store suite.
-    openStore = StoreTestsMixin.openStore
-    _id = StoreTestsMixin._id
-    makeMesh = StoreTestsMixin.makeMesh
-    addMember = StoreTestsMixin.addMember
-    makeMessage = StoreTestsMixin.makeMessage
-    assertAllOrNothing = StoreTestsMixin.assertAllOrNothing
-
     @defer.inlineCallbacks
     def setUp(self):
-        self._ids = itertools.count(1)
-        self.store = yield self.openStore(self.makeStore())
+        yield StoreFixture.setUp(self)
         self.mesh, self.owner = yield self.makeMesh()
         self.alice = yield self.addMember(self.mesh, display_name="alice")
         self.bob = yield self.addMember(self.mesh, display_name="bob")
 
-    @defer.inlineCallbacks
-    def dump(self):
-        def dump_txn():
-            rows = {}
-            for table in TABLES:
-                found = yield Query("SELECT * FROM %s" % (table,))
-                rows[table] = sorted(tuple(str(value) for value in row) for row in found)
-            return rows
-
-        return (yield self.store.run_interaction("dump", dump_txn, write=False))
+    DUMPED_TABLES = TABLES
 
     def rotation(self, epoch=1, members=None, by=None, at=NOW):
         members = [self.owner, self.alice, self.bob] if members is None else members
@@ -65,11 +45,6 @@ class MeshKeyStoreTestsMixin:
     def rotated(self, epoch=1):
         return AuditEvent(self.mesh.id, "mesh_key_rotated", self.owner.id,
                           {"epoch": epoch, "by": "owner", "reason": "manual"}, NOW)
-
-    @defer.inlineCallbacks
-    def auditTypes(self):
-        entries, _ = yield self.store.audit_entries(self.mesh.id, 1000, 0)
-        return [entry.event_type for entry in reversed(entries)]
 
     # -- rotation ----------------------------------------------------------------
 
@@ -88,7 +63,7 @@ class MeshKeyStoreTestsMixin:
         copy = yield self.store.get_mesh_key_copy(self.mesh.id, 1, self.alice.id)
         self.assertEqual((copy.sealed_key, copy.sealed_by, copy.created_at),
                          ("sealed-%s-1" % (self.alice.id,), self.owner.pubkey, NOW))
-        self.assertEqual((yield self.auditTypes())[-1], "mesh_key_rotated")
+        self.assertEqual((yield self.auditTypes(self.mesh))[-1], "mesh_key_rotated")
 
     @defer.inlineCallbacks
     def test_epoch_must_be_the_next(self):
@@ -136,7 +111,7 @@ class MeshKeyStoreTestsMixin:
             self.store.rotate_mesh_key(self.rotation(by=by), [self.rotated()])
             for by in (self.owner, self.alice, self.bob, self.owner)], consumeErrors=True)
         self.assertEqual(sorted(o.stored for o in outcomes), [False, False, False, True])
-        self.assertEqual((yield self.auditTypes()).count("mesh_key_rotated"), 1)
+        self.assertEqual((yield self.auditTypes(self.mesh)).count("mesh_key_rotated"), 1)
 
     @defer.inlineCallbacks
     def test_rotation_racing_a_ban_or_a_leave(self):

@@ -6,7 +6,6 @@ Postgres backplane (C{LISTEN}/C{NOTIFY}, a notice sent only by a committed
 transaction, the listening connection dropped and back).
 """
 
-import itertools
 import os
 
 import psycopg2
@@ -26,28 +25,20 @@ from claudemesh.store.records import (
 )
 from claudemesh.store.sql import notices
 from tests import pg
-from tests.test_store import ALL, LEASE, NOW, PG_DSN, PG_SKIP, StoreTestsMixin
+from tests.test_store import ALL, LEASE, NOW, PG_DSN, PG_SKIP, StoreFixture
 
 SECOND = 1000
 
 
-class NodeStoreTestsMixin:
+class NodeStoreTestsMixin(StoreFixture):
     """
     The nodes half of every L{IStore}; a concrete class provides
     C{makeStore()}.
     """
 
-    openStore = StoreTestsMixin.openStore
-    _id = StoreTestsMixin._id
-    makeMesh = StoreTestsMixin.makeMesh
-    addMember = StoreTestsMixin.addMember
-    makeSession = StoreTestsMixin.makeSession
-    makeMessage = StoreTestsMixin.makeMessage
-
     @defer.inlineCallbacks
     def setUp(self):
-        self._ids = itertools.count(1)
-        self.store = yield self.openStore(self.makeStore())
+        yield StoreFixture.setUp(self)
         self.mesh, self.owner = yield self.makeMesh()
         self.alice = yield self.addMember(self.mesh, display_name="alice")
 
